@@ -144,7 +144,7 @@ class PreparedDataset:
             cut = end - 1
         else:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        histories = [self.flat[s:c] for s, c in zip(self.offsets[:-1], cut)]
+        histories = [self.flat[s:c] for s, c in zip(self.offsets[:-1], cut, strict=True)]
         return histories, self.flat[cut].astype(np.int64)
 
     # -- long-tail groups -------------------------------------------------------------------
