@@ -24,7 +24,16 @@ from typing import TypeVar
 
 from .io import atomic_write_json
 
-__all__ = ["PROFILES", "resolve_profile", "pick", "project_root", "RunDir", "run_dir"]
+__all__ = [
+    "PROFILES",
+    "QUICK_ITEM_CORE",
+    "resolve_profile",
+    "pick",
+    "data_config",
+    "project_root",
+    "RunDir",
+    "run_dir",
+]
 
 PROFILES = ("full", "quick")
 T = TypeVar("T")
@@ -45,6 +54,21 @@ def resolve_profile(profile: str = "full") -> str:
 def pick(profile: str, full: T, quick: T) -> T:
     """``full`` or ``quick`` by profile: ``EPOCHS = pick(PROFILE, full=200, quick=2)``."""
     return quick if resolve_profile(profile) == "quick" else full
+
+
+# The quick profile keeps only items with at least this many interactions (about 300 of
+# ml-100k's 1,473): the LLM stages then touch a fifth of the catalogue, same code path.
+QUICK_ITEM_CORE = 120
+
+
+def data_config(profile: str = "full", **fields):
+    """The :class:`reaemb.data.DataConfig` a notebook uses under ``profile``: as given in the
+    full profile; in the quick profile with ``item_core`` raised to :data:`QUICK_ITEM_CORE`."""
+    from .data import DataConfig
+
+    if resolve_profile(profile) == "quick":
+        fields["item_core"] = max(int(fields.get("item_core", 3)), QUICK_ITEM_CORE)
+    return DataConfig(**fields)
 
 
 def project_root() -> Path:
