@@ -193,6 +193,15 @@ def load_ml100k(data_dir: Path | None = None) -> RawData:
         inter_path,
         {"user_id": "user", "item_id": "item", "rating": "rating", "timestamp": "timestamp"},
     )
+    for col in ("user", "item"):
+        bad = ~inter[col].str.fullmatch(r"\d+")
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"line {row + 2}: expected a numeric id, got {inter[col].iloc[row]!r}",
+                path=inter_path,
+                field=f"{col}_id",
+            )
     for col in ("timestamp", "rating"):
         values = pd.to_numeric(inter[col], errors="coerce")
         bad = values.isna()
@@ -238,10 +247,13 @@ def load_inter_json(inter_path: Path, item_path: Path, name: str | None = None) 
         if not isinstance(seq, list):
             raise DataError(f"user {user!r}: expected a list of item ids", path=inter_path)
         for pos, item in enumerate(seq):
-            if isinstance(item, bool) or not isinstance(item, (int, str)):
+            if isinstance(item, bool) or not (
+                isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit())
+            ):
                 raise DataError(
-                    f"user {user!r}, position {pos}: item id {item!r} is not an id",
+                    f"user {user!r}, position {pos}: item id {item!r} is not an integer id",
                     path=inter_path,
+                    field="item_id",
                 )
             users.append(str(user))
             items.append(str(item))
