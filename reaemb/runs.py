@@ -144,3 +144,128 @@ def run_dir(name: str, runs_root: str | Path | None = None) -> RunDir:
     root = Path(runs_root or os.environ.get("REAEMB_RUNS_DIR") or project_root() / "papermill_runs")
     figures = Path(os.environ.get("REAEMB_FIGURES_DIR") or project_root() / "figures")
     return RunDir(name, root / name, figures)
+
+
+# ---------------------------------------------------------------------------------------
+# papermill runs
+
+
+NOTEBOOKS = [
+    "01_data_prep",
+    "02_lrcl",
+    "03_crrl",
+    "04_srs_evaluation",
+    "05_long_tail",
+    "06_embedding_umap",
+]
+
+# YAML keys that become notebook parameters (upper-cased) when a notebook declares them.
+_GLOBAL_KEYS = ("run", "dataset", "data_dir", "profile", "seed", "seeds", "model")
+
+
+def _declared_parameters(notebook: Path) -> set[str]:
+    """Names assigned in the notebook's ``parameters`` cell."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    names: set[str] = set()
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            for line in cell.source.splitlines():
+                head = line.split("#", 1)[0]
+                if "=" in head and not head.startswith((" ", "\t")):
+                    names.add(head.split("=", 1)[0].strip())
+    return names
+
+
+def load_run_spec(path: str | Path) -> dict:
+    """Read ``papermill_runs/<run>.yaml``: ``run`` (default: the file's stem), global
+    parameters, ``notebooks`` (list of stages; default all present) and per-notebook
+    ``parameters: {stage: {NAME: value}}``."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run spec {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    spec.setdefault("run", path.stem)
+    unknown = set(spec) - set(_GLOBAL_KEYS) - {"notebooks", "parameters", "description"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+    return spec
+
+
+def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] | None = None) -> list[dict]:
+    """Execute a run's notebooks in order with papermill into ``papermill_runs/<run>/``.
+
+    A stage whose notebook finished with the same parameters is skipped (its marker
+    ``results/stages/<stage>.json`` holds the parameters and time); an interrupted stage is
+    run again, and the notebooks themselves reuse what earlier attempts saved (prepared data,
+    checkpoints, finished evaluations). Prints the time per stage.
+    """
+    import time
+
+    import papermill as pm
+
+    from .io import sha256_json
+
+    spec = load_run_spec(spec_path)
+    run = run_dir(spec["run"])
+    notebooks_dir = project_root() / "notebooks"
+    stages = spec.get("notebooks") or [n for n in NOTEBOOKS if (notebooks_dir / f"{n}.ipynb").exists()]
+    if only:
+        stages = [s for s in stages if s in only]
+    markers = run.results / "stages"
+    markers.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for stage in stages:
+        source = notebooks_dir / f"{stage}.ipynb"
+        if not source.exists():
+            raise FileNotFoundError(f"notebook {source} of stage {stage!r} does not exist")
+        declared = _declared_parameters(source)
+        params = {k.upper(): v for k, v in spec.items() if k in _GLOBAL_KEYS}
+        params.update((spec.get("parameters") or {}).get(stage, {}))
+        params = {k: v for k, v in params.items() if k in declared}
+        key = sha256_json({"params": params, "notebook": sha256_json(source.read_text())})
+        marker = markers / f"{stage}.json"
+        if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
+            prev = json.loads(marker.read_text())
+            print(f"[{stage}] finished earlier ({prev['seconds']:.0f} s): skipped")
+            timings.append({"stage": stage, "seconds": prev["seconds"], "skipped": True})
+            continue
+        print(f"[{stage}] running with {params}", flush=True)
+        start = time.perf_counter()
+        pm.execute_notebook(
+            str(source),
+            str(run.root / f"{stage}.ipynb"),
+            parameters=params,
+            cwd=str(notebooks_dir),
+            progress_bar=True,
+        )
+        seconds = time.perf_counter() - start
+        atomic_write_json(marker, {"key": key, "params": params, "seconds": round(seconds, 1)})
+        print(f"[{stage}] done in {seconds:.0f} s", flush=True)
+        timings.append({"stage": stage, "seconds": round(seconds, 1), "skipped": False})
+    total = sum(t["seconds"] for t in timings)
+    print("stage times: " + ", ".join(f"{t['stage']} {t['seconds']:.0f} s" for t in timings) + f"; total {total:.0f} s")
+    atomic_write_json(run.results / "stage_times.json", timings)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reaemb.runs papermill_runs/<run>.yaml [--force] [--only STAGE ...]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m reaemb.runs", description=execute_run.__doc__)
+    parser.add_argument("spec", help="papermill_runs/<run>.yaml")
+    parser.add_argument("--force", action="store_true", help="re-run stages that finished")
+    parser.add_argument("--only", nargs="*", help="run only these stages (e.g. 01_data_prep)")
+    args = parser.parse_args(argv)
+    execute_run(args.spec, force=args.force, only=args.only)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,15 @@ Typical use, from a notebook::
 
 from .errors import DataError
 from .loaders import DATASETS, RawData, load_raw, resolve_data_dir
-from .prepared import DataConfig, PreparedDataset, describe, load_prepared, prepare, preprocess
+from .prepared import (
+    DataConfig,
+    PreparedDataset,
+    describe,
+    load_prepared,
+    prepare,
+    preprocess,
+    stats_table,
+)
 from .preprocess import (
     chronological_sequences,
     cooccurrence_counts,
@@ -32,6 +40,7 @@ __all__ = [
     "preprocess",
     "load_prepared",
     "describe",
+    "stats_table",
     "filter_rating",
     "kcore",
     "remap_ids",

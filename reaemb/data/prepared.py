@@ -35,7 +35,15 @@ from .preprocess import (
     share_threshold,
 )
 
-__all__ = ["DataConfig", "PreparedDataset", "preprocess", "prepare", "load_prepared", "describe"]
+__all__ = [
+    "DataConfig",
+    "PreparedDataset",
+    "preprocess",
+    "prepare",
+    "load_prepared",
+    "describe",
+    "stats_table",
+]
 
 FORMAT_VERSION = 1
 
@@ -408,3 +416,22 @@ def describe(dataset: str, data_dir: str | Path | None = None, **config_fields) 
     config = DataConfig(dataset=dataset, data_dir=None if data_dir is None else str(data_dir), **config_fields)
     raw = load_raw(config.dataset, config.data_dir)
     return preprocess(raw, config).stats
+
+
+def stats_table(stats: dict) -> pd.DataFrame:
+    """The statistics of :func:`describe` / ``PreparedDataset.stats`` as a two-column table
+    (raw and after preprocessing side by side)."""
+    raw, proc = stats["raw"], stats["processed"]
+    seq = proc["sequence_length"]
+    rows = [
+        ("users", raw["users"], proc["users"]),
+        ("items", raw["items"], proc["items"]),
+        ("interactions", raw["interactions"], proc["interactions"]),
+        ("density", "", f"{proc['density']:.4f}"),
+        ("sequence length min / median / mean / max", "",
+         f"{seq['min']} / {seq['median']:g} / {seq['mean']:.1f} / {seq['max']}"),
+        ("tail items (share)", "", f"{stats['tail_items']['rule']} ({stats['tail_items']['share']:.1%})"),
+        ("tail users (share)", "", f"{stats['tail_users']['rule']} ({stats['tail_users']['share']:.1%})"),
+        ("co-occurring item pairs (training part)", "", stats["cooccurrence"]["pairs"]),
+    ]
+    return pd.DataFrame(rows, columns=["statistic", "raw", "after preprocessing"]).set_index("statistic")

@@ -1,0 +1,48 @@
+"""Figures shared by the notebooks. Each function draws one figure, saves it as PNG and
+PDF when given a path stem, and returns the matplotlib Figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .data.prepared import PreparedDataset
+
+__all__ = ["save_figure", "item_popularity_plot"]
+
+
+def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` (150 dpi) and ``<stem>.pdf``; returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None})
+    return paths
+
+
+def item_popularity_plot(ds: PreparedDataset, stem: str | Path | None = None) -> plt.Figure:
+    """The long tail: item interaction counts in decreasing order (log scale), tail items
+    shaded, the tail threshold marked."""
+    counts = np.sort(ds.item_count[1:])[::-1]
+    rank = np.arange(1, len(counts) + 1)
+    tail = counts < ds.item_threshold
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.fill_between(rank, counts, where=~tail, color="tab:blue", alpha=0.35, step="mid", label="head items")
+    ax.fill_between(rank, counts, where=tail, color="tab:orange", alpha=0.35, step="mid", label="tail items")
+    ax.plot(rank, counts, color="black", lw=0.8)
+    ax.axhline(ds.item_threshold, color="tab:red", ls="--", lw=1,
+               label=f"threshold: {ds.item_threshold} interactions")
+    ax.set_yscale("log")
+    ax.set_xlabel("item rank by popularity")
+    ax.set_ylabel("interactions")
+    share = 100 * tail.mean()
+    ax.set_title(f"{ds.name}: {ds.n_items:,} items, {share:.1f}% tail items "
+                 f"hold {100 * counts[tail].sum() / counts.sum():.1f}% of interactions")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    if stem is not None:
+        save_figure(fig, stem)
+    return fig

@@ -1,0 +1,103 @@
+"""Run layout, profiles, the papermill runner, and notebook 01 executed with papermill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from reaemb.data import load_prepared
+from reaemb.runs import (
+    QUICK_ITEM_CORE,
+    _declared_parameters,
+    data_config,
+    execute_run,
+    load_run_spec,
+    pick,
+    resolve_profile,
+    run_dir,
+)
+
+
+def test_profile_resolution(monkeypatch):
+    monkeypatch.delenv("REAEMB_PROFILE", raising=False)
+    assert resolve_profile("full") == "full" and pick("full", full=10, quick=1) == 10
+    monkeypatch.setenv("REAEMB_PROFILE", "quick")
+    assert resolve_profile("full") == "quick" and pick("full", full=10, quick=1) == 1
+    assert data_config("full", dataset="ml-100k").item_core == QUICK_ITEM_CORE
+    monkeypatch.setenv("REAEMB_PROFILE", "fast")
+    with pytest.raises(ValueError, match="unknown profile"):
+        resolve_profile("full")
+
+
+def test_run_dir_layout(isolated_runs):
+    run = run_dir("demo")
+    assert not run.root.exists()  # nothing is created before it is used
+    assert run.results == isolated_runs / "runs" / "demo" / "results"
+    run.record("stage", {"x": 1})
+    assert run.recorded("stage") == {"x": 1}
+    assert run.figures == isolated_runs / "figures" / "demo"
+    with pytest.raises(ValueError):
+        run_dir("../escape")
+
+
+def test_run_spec_validation(tmp_path):
+    spec = tmp_path / "r.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k", "epochs": 3}))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_run_spec(spec)
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k"}))
+    assert load_run_spec(spec)["run"] == "r"
+    with pytest.raises(FileNotFoundError):
+        load_run_spec(tmp_path / "missing.yaml")
+
+
+def test_committed_run_specs_parse():
+    for spec in sorted((ROOT / "papermill_runs").glob("*.yaml")):
+        assert load_run_spec(spec)["dataset"]
+
+
+def test_every_notebook_has_kernelspec_and_parameters():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks, "no notebooks found"
+    for nb in notebooks:
+        meta = json.loads(nb.read_text())["metadata"]
+        assert meta["kernelspec"]["name"] == "python3", nb
+        declared = _declared_parameters(nb)
+        assert {"RUN", "DATASET", "PROFILE"} <= declared, (nb, declared)
+
+
+@pytest.mark.slow
+def test_runner_executes_notebook_01_and_skips_it_when_finished(isolated_runs, monkeypatch, capsys):
+    monkeypatch.setenv("REAEMB_PROFILE", "quick")
+    spec = isolated_runs / "nbtest.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k", "profile": "quick", "seed": 0}))
+    timings = execute_run(spec, only=["01_data_prep"])
+    assert [t["skipped"] for t in timings] == [False]
+    run = run_dir("nbtest")
+    assert (run.root / "01_data_prep.ipynb").exists()
+    recorded = run.recorded("01_data_prep")
+    assert recorded["stats"]["raw"] == {"users": 943, "items": 1682, "interactions": 100000}
+    assert recorded["profile"] == "quick"
+    # the quick profile prepared the smaller catalogue as well, and both reload
+    work = load_prepared(run.data / recorded["working_catalogue"]["prepared"])
+    assert work.config.item_core == QUICK_ITEM_CORE and work.n_items == recorded["working_catalogue"]["items"]
+    assert load_prepared(run.data / recorded["prepared"]).n_items == recorded["stats"]["processed"]["items"]
+    assert Path(run.figures / "01_item_popularity.png").stat().st_size > 10_000
+    timings = execute_run(spec, only=["01_data_prep"])
+    assert [t["skipped"] for t in timings] == [True]
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_environment_yml_carries_the_requirements_pins():
+    reqs = {
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert set(pip) == reqs
