@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
+from papermill.translators import PythonTranslator
 
 from conftest import ROOT
 from reaemb.data import load_prepared
@@ -68,6 +70,9 @@ def test_every_notebook_has_kernelspec_and_parameters():
         assert meta["kernelspec"]["name"] == "python3", nb
         declared = _declared_parameters(nb)
         assert {"RUN", "DATASET", "PROFILE"} <= declared, (nb, declared)
+        # papermill must understand every parameter line (a '>=' in a comment breaks it)
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assert {p.name for p in PythonTranslator.inspect(cell)} == declared, nb
 
 
 @pytest.mark.slow
