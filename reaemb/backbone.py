@@ -367,8 +367,9 @@ def last_hidden_state(
 # --------------------------------------------------------------------------- extraction
 
 
-def catalogue_texts(dataset, text_config: TextConfig = TextConfig()) -> list[str]:
+def catalogue_texts(dataset, text_config: TextConfig | None = None) -> list[str]:
     """The attribute text of items ``1..n_items`` of a prepared dataset, in item order."""
+    text_config = text_config or TextConfig()
     return [item_text(dataset.item_attributes[i], text_config) for i in range(1, dataset.n_items + 1)]
 
 
