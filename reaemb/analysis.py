@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["cooccurrence_cosine", "nearest_neighbours"]
+__all__ = [
+    "cooccurrence_cosine",
+    "nearest_neighbours",
+    "item_categories",
+    "knn_cooccurrence_overlap",
+    "category_silhouette",
+    "embedding_structure",
+    "umap_2d",
+]
 
 
 def _unit(table: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -54,3 +62,99 @@ def nearest_neighbours(table: torch.Tensor | np.ndarray, dataset, items: list[in
         name = dataset.item_attributes[item].get(attribute, str(item))
         out[name] = [dataset.item_attributes[j].get(attribute, str(j)) for j in top]
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# embedding structure (notebook 06)
+
+CATEGORY_FIELDS = ("genres", "categories", "category", "description")
+
+
+def item_categories(dataset, field: str | None = None, level: int = 0, top: int = 8) -> np.ndarray:
+    """One category label per item (row ``k`` = item ``k + 1``) for colouring and silhouette.
+
+    The label is the ``level``-th comma-separated value of ``field`` (default: the first of
+    ``genres``, ``categories``, ``category``, ``description`` that the items carry; an item
+    with fewer levels uses its last value). Only the ``top`` most frequent labels are kept;
+    the rest, and items without the field, become ``"other"``.
+    """
+    attrs = dataset.item_attributes[1:]
+    if field is None:
+        present = [f for f in CATEGORY_FIELDS if any(a.get(f) for a in attrs)]
+        if not present:
+            raise ValueError(f"items carry none of the category fields {CATEGORY_FIELDS}; pass field=")
+        field = present[0]
+    labels = []
+    for a in attrs:
+        parts = [p.strip() for p in str(a.get(field, "")).split(",") if p.strip()]
+        labels.append(parts[min(level, len(parts) - 1)] if parts else "other")
+    labels = np.asarray(labels, dtype=object)
+    values, counts = np.unique(labels[labels != "other"], return_counts=True)
+    keep = set(values[np.argsort(-counts, kind="stable")[:top]])
+    return np.asarray([lab if lab in keep else "other" for lab in labels], dtype=object)
+
+
+def knn_cooccurrence_overlap(table: torch.Tensor | np.ndarray, dataset, k: int = 10) -> float:
+    """Mean over items with co-occurring items of ``|kNN(i) ∩ topcooc(i)| / min(k, |cooc(i)|)``.
+
+    ``kNN(i)``: the ``k`` nearest other items by cosine; ``topcooc(i)``: the ``k`` items
+    co-occurring most often with ``i`` in the training part (ties broken by item index).
+    1 means the embedding's neighbourhoods are the co-occurrence graph's; a random table
+    scores about ``k / n_items``.
+    """
+    x = _unit(table)
+    n = x.shape[0]
+    if n != dataset.n_items:
+        raise ValueError(f"table has {n} rows, the dataset {dataset.n_items} items")
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in 1..{n - 1}, got {k}")
+    cooc = dataset.cooccurrence.tocsr()
+    scores = []
+    for start in range(0, n, 512):
+        sims = x[start : start + 512] @ x.T
+        rows = np.arange(start, min(start + 512, n))
+        sims[rows - start, rows] = -np.inf
+        knn = np.argpartition(-sims, k, axis=1)[:, :k] + 1  # item ids
+        for r, item in enumerate(rows + 1):
+            row = cooc[item]
+            if row.nnz == 0:
+                continue
+            order = np.lexsort((row.indices, -row.data))[:k]
+            top = set(row.indices[order].tolist())
+            scores.append(len(top.intersection(knn[r].tolist())) / min(k, len(top)))
+    if not scores:
+        raise ValueError("no item has a co-occurring item")
+    return float(np.mean(scores))
+
+
+def category_silhouette(table: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
+    """Silhouette score (cosine distance) of the items grouped by ``labels``, ``"other"``
+    left out: near 1, categories form tight separate clusters; near 0 or below, they mix."""
+    from sklearn.metrics import silhouette_score
+
+    x = _unit(table)
+    keep = np.asarray(labels) != "other"
+    if len(np.unique(np.asarray(labels)[keep])) < 2:
+        raise ValueError("need at least two categories besides 'other'")
+    return float(silhouette_score(x[keep], np.asarray(labels)[keep], metric="cosine"))
+
+
+def embedding_structure(table: torch.Tensor | np.ndarray, dataset, labels: np.ndarray, k: int = 10,
+                        seed: int = 0) -> dict:
+    """The three numbers notebook 06 reports for a table: co-occurring vs random cosine, kNN
+    overlap with the co-occurrence graph, category silhouette."""
+    cos = cooccurrence_cosine(table, dataset, seed=seed)
+    return {"cooc_cosine": cos["cooc"], "random_cosine": cos["random"], "cosine_gap": cos["gap"],
+            f"knn{k}_cooc_overlap": knn_cooccurrence_overlap(table, dataset, k),
+            "category_silhouette": category_silhouette(table, labels)}
+
+
+def umap_2d(table: torch.Tensor | np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
+    """2-D UMAP (umap-learn, cosine metric) of an embedding table; seeded (single-threaded
+    then, as umap-learn requires for reproducibility)."""
+    import umap
+
+    x = _unit(table).astype(np.float32)
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
+                        metric="cosine", random_state=seed)
+    return reducer.fit_transform(x)

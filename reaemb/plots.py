@@ -10,7 +10,7 @@ import numpy as np
 
 from .data.prepared import PreparedDataset
 
-__all__ = ["save_figure", "item_popularity_plot"]
+__all__ = ["save_figure", "item_popularity_plot", "group_metric_plot", "umap_grid_plot"]
 
 
 def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
@@ -42,6 +42,82 @@ def item_popularity_plot(ds: PreparedDataset, stem: str | Path | None = None) ->
     ax.set_title(f"{ds.name}: {ds.n_items:,} items, {share:.1f}% tail items "
                  f"hold {100 * counts[tail].sum() / counts.sum():.1f}% of interactions")
     ax.legend(frameon=False)
+    fig.tight_layout()
+    if stem is not None:
+        save_figure(fig, stem)
+    return fig
+
+
+def group_metric_plot(df, metric: str = "NDCG@10", protocol: str = "full", kind: str = "items",
+                      stem: str | Path | None = None) -> plt.Figure:
+    """Bars of ``metric`` for the head and tail groups of ``kind`` (``"items"`` or
+    ``"users"``), one panel per backbone, one bar pair per variant, error bars = std over
+    seeds (seaborn). ``df`` is the long-form metrics table (:func:`reaemb.longtail.load_metrics`)."""
+    import seaborn as sns
+
+    from .embeddings import VARIANT_ORDER
+    from .longtail import VARIANT_LABELS
+
+    if kind not in ("items", "users"):
+        raise ValueError(f"kind must be 'items' or 'users', got {kind!r}")
+    groups = [f"head_{kind}", f"tail_{kind}"]
+    sub = df[(df["metric"] == metric) & (df["protocol"] == protocol) & df["group"].isin(groups)].copy()
+    if sub.empty:
+        raise ValueError(f"no {kind} group rows for {metric} / {protocol}")
+    present = [v for v in VARIANT_ORDER if v in set(sub["variant"])] + sorted(set(sub["variant"]) - set(VARIANT_ORDER))
+    sub["method"] = sub["variant"].map(lambda v: VARIANT_LABELS.get(v, v))
+    backbones = sorted(sub["backbone"].unique())
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.2 * len(backbones), 3.6), sharey=True, squeeze=False)
+    for ax, bb in zip(axes[0], backbones):
+        sns.barplot(data=sub[sub["backbone"] == bb], x="method", y="value", hue="group", hue_order=groups,
+                    order=[VARIANT_LABELS.get(v, v) for v in present], errorbar="sd", ax=ax,
+                    palette=["tab:blue", "tab:orange"])
+        ax.set_title(bb)
+        ax.set_xlabel("")
+        ax.set_ylabel(f"{metric} ({protocol} ranking)" if ax is axes[0][0] else "")
+        ax.tick_params(axis="x", rotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+        if ax is not axes[0][-1] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.suptitle(f"{df['dataset'].iloc[0]}: head vs tail {kind}")
+    fig.tight_layout()
+    if stem is not None:
+        save_figure(fig, stem)
+    return fig
+
+
+def umap_grid_plot(coords: dict[str, np.ndarray], labels: np.ndarray, popularity: np.ndarray,
+                   pairs: np.ndarray | None = None, stem: str | Path | None = None) -> plt.Figure:
+    """UMAP maps of several embedding tables side by side: top row coloured by category
+    (``labels``, "other" in grey), bottom row by log popularity; ``pairs`` ((P, 2) row
+    indices of co-occurring items) are drawn as thin lines on the top row."""
+    names = list(coords)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 7.0), squeeze=False)
+    cats = [c for c in dict.fromkeys(labels) if c != "other"]
+    palette = plt.get_cmap("tab10")
+    colours = {c: palette(i % 10) for i, c in enumerate(sorted(cats))}
+    colours["other"] = (0.8, 0.8, 0.8, 1.0)
+    col = np.array([colours[c] for c in labels])
+    for j, name in enumerate(names):
+        xy = coords[name]
+        ax = axes[0, j]
+        if pairs is not None and len(pairs):
+            from matplotlib.collections import LineCollection
+
+            ax.add_collection(LineCollection(np.stack([xy[pairs[:, 0]], xy[pairs[:, 1]]], axis=1),
+                                             colors="black", linewidths=0.3, alpha=0.25, zorder=1))
+        ax.scatter(xy[:, 0], xy[:, 1], c=col, s=5, linewidths=0, zorder=2)
+        ax.set_title(name)
+        sc = axes[1, j].scatter(xy[:, 0], xy[:, 1], c=np.log1p(popularity), cmap="viridis", s=5, linewidths=0)
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[c], label=c) for c in sorted(cats) + ["other"]]
+    axes[0, -1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    fig.colorbar(sc, ax=axes[1, -1], label="log(1 + interactions)")
+    axes[0, 0].set_ylabel("by category; lines: co-occurring pairs")
+    axes[1, 0].set_ylabel("by popularity")
     fig.tight_layout()
     if stem is not None:
         save_figure(fig, stem)
