@@ -78,8 +78,10 @@ def group_metric_plot(df, metric: str = "NDCG@10", protocol: str = "full", kind:
         ax.tick_params(axis="x", rotation=30)
         for label in ax.get_xticklabels():
             label.set_horizontalalignment("right")
-        if ax is not axes[0][-1] and ax.get_legend() is not None:
+        if ax.get_legend() is not None:
             ax.get_legend().remove()
+    handles, names = axes[0][-1].get_legend_handles_labels()
+    axes[0][-1].legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.suptitle(f"{df['dataset'].iloc[0]}: head vs tail {kind}")
     fig.tight_layout()
     if stem is not None:
