@@ -66,3 +66,14 @@ def test_load_metrics_checks(tmp_path):
     df = pd.concat([_table(), _table().assign(value=1.0)])  # a re-run: the last value wins
     df.to_csv(tmp_path / "metrics.csv", index=False)
     assert load_metrics(tmp_path)["value"].eq(1.0).all()
+
+
+def test_results_page_names_missing_datasets_and_formats_mean_std(tmp_path):
+    from reaemb.report import write_results
+
+    (tmp_path / "toy" / "results").mkdir(parents=True)
+    _table().to_csv(tmp_path / "toy" / "results" / "metrics.csv", index=False)
+    text = write_results(tmp_path).read_text()
+    assert "**Missing:** no metrics for ml-100k, amazon-office, yelp" in text
+    assert "## toy" in text and "0.1100 ± 0.0141" in text  # id: mean 0.11, std sqrt(2)·0.01
+    assert "LRCL+CRRL vs each variant" in text
