@@ -1,5 +1,5 @@
 # Two commands are the contract:
-#   make reproduce   set up .venv, then run the ml-100k reference run (notebooks 01->06)
+#   make reproduce   set up .venv, run the ml-100k reference run (notebooks 01->06), write RESULTS.md
 #   make test        set up .venv, then lint, unit tests and every notebook (quick profile, nbval)
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +32,7 @@ test: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m reaemb.runs $(RUN)
+	$(PY) -m reaemb.report
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
