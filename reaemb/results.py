@@ -97,21 +97,38 @@ def summary(df: pd.DataFrame, metrics: list[str] | None = None, digits: int = 4)
     return out
 
 
-def pivot_summary(summ: pd.DataFrame, metrics: list[str] | None = None, groups: list[str] | None = None) -> pd.DataFrame:
-    """Rows ``dataset / backbone / variant``, columns ``protocol / group / metric``, cells
-    ``mean ± std``: the shape of the papers' tables."""
+def pivot_summary(summ: pd.DataFrame, metrics: list[str] | None = None, groups: list[str] | None = None,
+                  columns: tuple[str, ...] = ("metric",)) -> pd.DataFrame:
+    """The summary as a table of ``mean ± std`` cells: one column per value of ``columns``
+    (default: per metric), one row per remaining key (dataset, backbone, variant, protocol,
+    group), in the paper's order of backbones and variants."""
     from .embeddings import VARIANT_ORDER
 
     if metrics is not None:
         summ = summ[summ["metric"].isin(metrics)]
     if groups is not None:
         summ = summ[summ["group"].isin(groups)]
-    table = summ.pivot_table(index=["dataset", "backbone", "variant"], columns=["protocol", "group", "metric"],
-                             values="mean ± std", aggfunc="first", sort=False)
-    order = {v: i for i, v in enumerate(VARIANT_ORDER)}
-    backbones = {b: i for i, b in enumerate(("sasrec", "gru4rec", "bert4rec"))}
-    idx = sorted(table.index, key=lambda t: (t[0], backbones.get(t[1], 9), t[1], order.get(t[2], 99), t[2]))
-    return table.loc[idx]
+    index = [k for k in ("dataset", "backbone", "variant", "protocol", "group", "metric") if k not in columns]
+    table = summ.pivot_table(index=index, columns=list(columns), values="mean ± std", aggfunc="first", sort=False)
+    rank = {
+        "backbone": {b: i for i, b in enumerate(("sasrec", "gru4rec", "bert4rec"))},
+        "variant": {v: i for i, v in enumerate(VARIANT_ORDER)},
+        "protocol": {"sampled100": 0, "full": 1},
+        "group": {g: i for i, g in enumerate(("all", "tail_items", "head_items", "tail_users", "head_users"))},
+    }
+
+    def key(row: tuple) -> tuple:
+        out = []
+        for name, value in zip(index, row):
+            base = str(value).split("+")[0] if name == "variant" else value
+            out += [rank.get(name, {}).get(base, 99), str(value)]
+        return tuple(out)
+
+    table = table.loc[sorted(table.index, key=key)]
+    if list(columns) == ["metric"]:
+        order = sorted(table.columns, key=lambda m: (m.split("@")[0] != "HR", int(m.split("@")[1]) if "@" in m else 0))
+        table = table[order]
+    return table
 
 
 def to_markdown(table: pd.DataFrame) -> str:

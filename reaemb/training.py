@@ -89,7 +89,7 @@ def _trim(batch: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FitResult:
     """What :func:`fit` reports. ``history`` has one dict per epoch: epoch, loss,
-    valid (NDCG@10), seconds."""
+    valid (NDCG@10), train_seconds (the training pass), seconds (with validation)."""
 
     best_epoch: int
     best_valid: float
@@ -210,6 +210,7 @@ def fit(
             optimizer.step()
             total += float(loss.detach())
             batches += 1
+        train_seconds = time.perf_counter() - tick
         valid = _valid_ndcg10(model, valid_set, config, device)
         if valid > best_valid:
             best_epoch, best_valid, bad = epoch, valid, 0
@@ -217,7 +218,7 @@ def fit(
         else:
             bad += 1
         history.append({"epoch": epoch, "loss": total / max(batches, 1), "valid": valid,
-                        "seconds": round(time.perf_counter() - tick, 3)})
+                        "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - tick, 3)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", ndcg10=f"{valid:.4f}", best=f"{best_valid:.4f}")
         stop = bad >= config.patience
         save(epoch + 1, finished=stop or epoch + 1 >= config.max_epochs)

@@ -184,8 +184,10 @@ def test_results_append_replace_completed_summary(tmp_path):
     assert s.loc["full", "n_seeds"] == 2
     assert s.loc["full", "mean ± std"] == "0.1500 ± 0.0707"
     md = to_markdown(pivot_summary(summary(df)))
-    assert md.splitlines()[0].startswith("| dataset | backbone | variant |")
-    assert "0.6500 ± 0.0707" in md
+    assert md.splitlines()[0] == "| dataset | backbone | variant | protocol | group | NDCG@10 |"
+    assert md.splitlines()[2] == "| toy | sasrec | id | sampled100 | all | 0.6500 ± 0.0707 |"
+    wide = pivot_summary(summary(df), columns=("protocol", "metric"))
+    assert list(wide.columns) == [("full", "NDCG@10"), ("sampled100", "NDCG@10")]
     with pytest.raises(ValueError, match="lack"):
         append_metrics(path, _rows(0, 0.1).drop(columns="value"))
     with pytest.raises(ValueError, match="repeat"):
