@@ -241,13 +241,20 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.attn_drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``last_only``: queries of the last position only (all keys): ``(B, 1, H)``."""
         b, t, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=2)
-        q, k, v = (z.view(b, t, self.heads, h // self.heads).transpose(1, 2) for z in (q, k, v))
+        if last_only:  # scoring needs the last position alone: skip the other queries
+            q = F.linear(x[:, -1:], self.qkv.weight[:h], self.qkv.bias[:h])
+            k, v = F.linear(x, self.qkv.weight[h:], self.qkv.bias[h:]).split(h, dim=2)
+            mask = mask[:, :, -1:]
+        else:
+            q, k, v = self.qkv(x).split(h, dim=2)
+        q = q.view(b, -1, self.heads, h // self.heads).transpose(1, 2)
+        k, v = (z.view(b, t, self.heads, h // self.heads).transpose(1, 2) for z in (k, v))
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         att = self.attn_drop(torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1))
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, h))
+        return self.proj((att @ v).transpose(1, 2).reshape(b, q.shape[2], h))
 
 
 class Block(nn.Module):
@@ -262,8 +269,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(hidden)
         self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.drop(self.attn(x, mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        y = self.attn(x, mask, last_only)
+        x = self.ln1((x[:, -1:] if last_only else x) + self.drop(y))
         return self.ln2(x + self.drop(self.ff(x)))
 
 
@@ -319,19 +327,19 @@ class SequentialRecommender(nn.Module):
         """Output vectors of items ``0..n_items`` (row 0 = padding, zero)."""
         return self.items.table()[: self.n_items + 1]
 
-    def encode(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """``(B, T) -> (B, T, H)`` hidden states."""
+    def encode(self, seq: torch.Tensor, table: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``(B, T) -> (B, T, H)`` hidden states (``last_only``: ``(B, 1, H)``, the last
+        position's, computed without the other positions' outputs of the last layer)."""
         raise NotImplementedError
 
     def user_representation(self, seq: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` left-padded histories -> ``(B, H)`` next-item query vectors."""
-        return self.encode(seq, self.items.table())[:, -1]
+        return self.encode(self.prepare_history(seq), self.items.table(), last_only=True)[:, -1]
 
     @torch.no_grad()
     def score_all(self, seq: torch.Tensor) -> torch.Tensor:
         """``(B, n_items + 1)`` scores of every item for each history; column 0 = padding."""
-        table = self.items.table()
-        return self.encode(self.prepare_history(seq), table)[:, -1] @ table[: self.n_items + 1].T
+        return self.user_representation(seq) @ self.item_table().T
 
     def prepare_history(self, seq: torch.Tensor) -> torch.Tensor:
         """The model's input for a left-padded history (Bert4Rec appends the mask token)."""
@@ -383,15 +391,16 @@ class SASRec(SequentialRecommender):
         self.ln = nn.LayerNorm(h)
         self._init_weights()
 
-    def encode(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, table: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         real = (seq != 0).unsqueeze(-1)
         t = seq.shape[1]
         pos = torch.arange(t - 1, -1, -1, device=seq.device)  # position 0 = most recent
         x = self.items(seq, table) + self.positions(pos)[None]
         x = self.emb_dropout(self.ln(x)) * real
         mask = attention_mask(seq, causal=True)
-        for block in self.blocks:
-            x = block(x, mask) * real
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, last) * (real[:, -1:] if last else real)
         return x
 
 
@@ -407,11 +416,11 @@ class GRU4Rec(SequentialRecommender):
         self.dense = nn.Linear(h, h)
         self._init_weights()
 
-    def encode(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, table: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         # zero inputs keep the bias-free GRU's state at zero: left padding changes nothing
         x = self.emb_dropout(self.items(seq, table)) * (seq != 0).unsqueeze(-1)
         y, _ = self.gru(x)
-        return self.dense(y)
+        return self.dense(y[:, -1:] if last_only else y)
 
 
 class Bert4Rec(SequentialRecommender):
@@ -433,14 +442,15 @@ class Bert4Rec(SequentialRecommender):
         self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
         self._init_weights()
 
-    def encode(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, table: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         real = (seq != 0).unsqueeze(-1)
         t = seq.shape[1]
         pos = torch.arange(t - 1, -1, -1, device=seq.device)
         x = self.emb_dropout(self.ln(self.items(seq, table) + self.positions(pos)[None])) * real
         mask = attention_mask(seq, causal=False)
-        for block in self.blocks:
-            x = block(x, mask) * real
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, last) * (real[:, -1:] if last else real)
         return self.head(x)
 
     def prepare_history(self, seq: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,17 @@ def training_eval_set(ds, length: int) -> EvalSet:
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
+def test_last_position_shortcut_equals_full_encoding(backbone):
+    torch.manual_seed(0)
+    model = build_model(N_ITEMS, tiny(backbone, dropout=0.3)).eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5, 31 if backbone == "bert4rec" else 6], [1, 2, 3, 4, 5, 6]])
+    table = model.items.table()
+    full = model.encode(seq, table)[:, -1]
+    np.testing.assert_allclose(model.encode(seq, table, last_only=True)[:, -1].detach(), full.detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("frozen", [False, True])
 def test_backbone_overfits_tiny_set(cyclic, backbone, frozen):
     table = torch.randn(N_ITEMS, 48, generator=torch.Generator().manual_seed(1)) if frozen else None
