@@ -123,7 +123,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.run([str(RECBOLE_PY), str(ROOT / "bench" / "recbole_sasrec.py"), str(work / "settings.json"),
-                           str(work / "recbole.json")], env=env, capture_output=True, text=True)
+                           str(work / "recbole.json")], env=env, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
         print("RecBole reference failed:\n" + proc.stderr[-3000:])
         return 1
