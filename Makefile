@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= papermill_runs/ml-100k.yaml
 
-.PHONY: venv test reproduce lint bench clean-venv
+.PHONY: venv test reproduce lint bench bench-env clean-venv
 
 $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# RecBole 1.2.1 (the reference of bench/bench_srs.py) needs numpy < 2: its own environment.
+RECBOLE_VENV := .venv-recbole
+$(RECBOLE_VENV)/.installed:
+	$(PYTHON) -m venv $(RECBOLE_VENV)
+	$(RECBOLE_VENV)/bin/pip install --quiet torch==2.13.0 recbole==1.2.1 numpy==1.26.4 pandas==2.2.3 \
+	  scipy==1.13.1 scikit-learn==1.5.2 "setuptools<81"
+	touch $@
+
+bench-env: $(RECBOLE_VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
