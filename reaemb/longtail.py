@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .embeddings import VARIANT_ORDER
+from .results import COLUMNS, KEY, read_metrics
 
 __all__ = [
     "COLUMNS",
@@ -29,7 +30,6 @@ __all__ = [
     "paired_comparison",
 ]
 
-COLUMNS = ["dataset", "backbone", "variant", "seed", "protocol", "group", "metric", "value"]
 GROUPS = ["all", "head_items", "tail_items", "head_users", "tail_users"]
 VARIANT_LABELS = {"id": "ID only", "inference": "LLM (inference)", "scft": "SCFT (LLMEmb)",
                   "lrcl": "LRCL", "crrl": "LRCL+CRRL"}
@@ -43,12 +43,7 @@ def load_metrics(path: str | Path) -> pd.DataFrame:
         path = path / "metrics.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run notebook 04 (SRS evaluation) first")
-    df = pd.read_csv(path)
-    missing = set(COLUMNS) - set(df.columns)
-    if missing:
-        raise ValueError(f"{path} lacks column(s) {sorted(missing)}")
-    key = [c for c in COLUMNS if c != "value"]
-    return df.drop_duplicates(key, keep="last").reset_index(drop=True)
+    return read_metrics(path).drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
 
 def _variant_sort(df: pd.DataFrame) -> pd.DataFrame:

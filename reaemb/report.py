@@ -17,6 +17,7 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .longtail import GROUPS, VARIANT_LABELS, group_table, load_metrics, paired_comparison
+from .results import to_markdown
 
 __all__ = ["collect_metrics", "results_markdown", "write_results", "EXPECTED"]
 
@@ -36,6 +37,11 @@ def collect_metrics(runs_root: str | Path) -> pd.DataFrame:
 
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _fmt(df: pd.DataFrame) -> pd.DataFrame:
+    """Floats to 4 significant digits (p-values stay readable), for Markdown."""
+    return df.apply(lambda c: c.map(lambda v: f"{v:.4g}") if c.dtype.kind == "f" else c)
 
 
 def _headline(df: pd.DataFrame) -> pd.DataFrame:
@@ -80,15 +86,15 @@ def results_markdown(df: pd.DataFrame, expected: tuple[str, ...] = EXPECTED) -> 
         d = df[df["dataset"] == dataset]
         lines += [f"## {dataset}", "", f"Runs: {', '.join(sorted(d['run'].unique()))}; seeds "
                   f"{sorted(int(s) for s in d['seed'].unique())}.", "", "### All users", "",
-                  _headline(d).to_markdown(index=False), ""]
+                  to_markdown(_headline(d)), ""]
         if not d[(d["protocol"] == "full") & (d["metric"] == "NDCG@10")].empty:
-            lines += ["### NDCG@10 (full ranking) by group", "", _groups(d).to_markdown(index=False), ""]
+            lines += ["### NDCG@10 (full ranking) by group", "", to_markdown(_groups(d)), ""]
         for protocol in ("full", "sampled100"):
             pairs = paired_comparison(d, "crrl", "NDCG@10", protocol, "all")
             if len(pairs):
                 pairs = pairs.assign(baseline=pairs["baseline"].map(lambda v: VARIANT_LABELS.get(v, v)))
                 lines += [f"### LRCL+CRRL vs each variant, NDCG@10 ({protocol}), paired over backbone × seed",
-                          "", pairs.drop(columns=["dataset", "target"]).to_markdown(index=False, floatfmt=".4g"), ""]
+                          "", to_markdown(_fmt(pairs.drop(columns=["dataset", "target"]))), ""]
     return "\n".join(lines) + "\n"
 
 
