@@ -30,6 +30,14 @@ Padding and pooling
     :mod:`reaemb.thought`) or on the right. Position ids are computed from the attention
     mask, so an item's hidden states do not depend on its padding. Pooling is the mean over
     non-padding positions (default) or the last non-padding position.
+
+Shared prefix
+    Every item prompt starts with the same tokens (template, system prompt, instruction: 31 of
+    ~57 tokens on ml-100k). By causality those positions compute the same hidden states and
+    keys/values for every item, so :func:`forward_shared_prefix` runs them once per batch
+    (batch 1) and the rest of each prompt on top of that cache. Catalogue extraction
+    (:func:`extract_embeddings`) and the SCFT/LRCL training steps use it: same embeddings and
+    gradients, about half the FLOPs on ml-100k.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ X and Y are L2-normalised first (``normalize=True``): then ``X Yᵀ`` are cosine
 has its usual meaning and the loss cannot be lowered by inflating norms. The option
 ``loss="infonce"`` is the standard symmetric cosine InfoNCE (hard diagonal targets).
 
+Both run the prompts' common prefix once per batch (``share_prefix``, see
+:func:`reaemb.backbone.forward_shared_prefix`): the same outputs and gradients as one pass
+per view, at a fraction of the cost; under LoRA dropout the shared positions draw one
+dropout mask per batch instead of one per view.
+
 Training is seeded and resumable: each step ``s`` seeds torch with ``(seed, s)`` (dropout)
 and draws its items and views from ``(seed, s)``, so a run resumed from a checkpoint
 (LoRA adapter, thought module, τ, optimizer state, RNG state, step, loss history; written
@@ -74,6 +79,7 @@ __all__ = [
     "load_encoder",
     "merge_lora",
     "build_llm_variant",
+    "summarize_variants",
 ]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -608,3 +614,22 @@ def build_llm_variant(
                "items_per_second": len(texts) / (t2 - t1), "n_items": len(texts), "key": key}
     atomic_write_json(summary_path, summary)
     return {**summary, "skipped": False}
+
+
+def summarize_variants(summaries: dict[str, dict]):
+    """One row per variant built by :func:`build_llm_variant`: steps, training seconds,
+    first and last loss, extraction items/s, whether it was skipped (already built)."""
+    import pandas as pd
+
+    rows = {}
+    for name, s in summaries.items():
+        losses = [h["loss"] for h in s.get("history", [])]
+        rows[name] = {
+            "steps": len(losses),
+            "train_seconds": round(s.get("train_seconds", 0.0), 1),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "extract_items_per_s": round(s.get("items_per_second", float("nan")), 2),
+            "skipped": bool(s.get("skipped", False)),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
