@@ -4,6 +4,7 @@ closer than random pairs, and what are an item's nearest neighbours."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 __all__ = [
@@ -14,6 +15,9 @@ __all__ = [
     "category_silhouette",
     "embedding_structure",
     "umap_2d",
+    "example_items",
+    "intrinsic_table",
+    "neighbours_table",
 ]
 
 
@@ -158,3 +162,36 @@ def umap_2d(table: torch.Tensor | np.ndarray, seed: int = 0, n_neighbors: int = 
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
                         metric="cosine", random_state=seed)
     return reducer.fit_transform(x)
+
+
+def example_items(dataset, n: int = 4, seed: int = 0) -> list[int]:
+    """``n`` items to look at (1-based ids): the most interacted half (recognisable) and
+    random tail items for the rest (where text should matter most), seeded."""
+    counts = np.asarray(dataset.item_count[1:])
+    n_head = (n + 1) // 2
+    head = (np.argsort(-counts, kind="stable")[:n_head] + 1).tolist()
+    tail = [i for i in np.flatnonzero(np.asarray(dataset.item_is_tail[1:])) + 1 if i not in head]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(tail, size=min(n - n_head, len(tail)), replace=False).tolist() if tail else []
+    return head + [int(i) for i in picked]
+
+
+def intrinsic_table(tables: dict[str, torch.Tensor | np.ndarray], dataset, n_pairs: int = 5000,
+                    seed: int = 0) -> pd.DataFrame:
+    """One row per variant: mean cosine of training co-occurring pairs, of random pairs, and
+    the gap (:func:`cooccurrence_cosine`, same pairs for every variant)."""
+    rows = [{"variant": name, **cooccurrence_cosine(table, dataset, n_pairs, seed)} for name, table in tables.items()]
+    return pd.DataFrame(rows).set_index("variant")[["cooc", "random", "gap", "n_cooc_pairs", "n_random_pairs"]]
+
+
+def neighbours_table(tables: dict[str, torch.Tensor | np.ndarray], dataset, items: list[int], k: int = 5,
+                     attribute: str = "title") -> pd.DataFrame:
+    """The ``k`` nearest neighbours (titles, ``; ``-joined) of each item under each variant:
+    one row per (item, variant)."""
+    found = {name: nearest_neighbours(table, dataset, items, k, attribute) for name, table in tables.items()}
+    rows = []
+    for item in items:
+        query = dataset.item_attributes[item].get(attribute, str(item))
+        for name in tables:
+            rows.append({"item": query, "variant": name, "nearest": "; ".join(found[name][query])})
+    return pd.DataFrame(rows).set_index(["item", "variant"])

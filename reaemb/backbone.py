@@ -30,6 +30,14 @@ Padding and pooling
     :mod:`reaemb.thought`) or on the right. Position ids are computed from the attention
     mask, so an item's hidden states do not depend on its padding. Pooling is the mean over
     non-padding positions (default) or the last non-padding position.
+
+Shared prefix
+    Every item prompt starts with the same tokens (template, system prompt, instruction: 31 of
+    ~57 tokens on ml-100k). By causality those positions compute the same hidden states and
+    keys/values for every item, so :func:`forward_shared_prefix` runs them once per batch
+    (batch 1) and the rest of each prompt on top of that cache. Catalogue extraction
+    (:func:`extract_embeddings`) and the SCFT/LRCL training steps use it: same embeddings and
+    gradients, about half the FLOPs on ml-100k.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ __all__ = [
     "pool",
     "decoder_of",
     "last_hidden_state",
+    "PrefixStates",
+    "common_prefix_length",
+    "forward_shared_prefix",
+    "encode_prompts",
     "catalogue_texts",
     "extract_embeddings",
 ]
@@ -240,13 +252,20 @@ def load_backbone(config: BackboneConfig = BackboneConfig()) -> Backbone:
         looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
         if looks_like_path and not Path(source).exists():
             raise BackboneError(f"model path {source} does not exist")
+        if Path(source).is_file():
+            raise BackboneError(f"model path {source} is a file: give a model folder or a .gguf file")
+        if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+            raise BackboneError(f"model folder {source} holds no config.json (not a Hugging Face model folder)")
     device, dtype = _resolve_device_dtype(config)
     kwargs = {"trust_remote_code": config.trust_remote_code, "local_files_only": config.local_files_only}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:
-        raise BackboneError(f"cannot load a causal LM from {source}: {exc}") from exc
+        hint = ""
+        if config.local_files_only and not Path(source).exists():
+            hint = " (not a local folder, and not in the local Hugging Face cache; local_files_only=True)"
+        raise BackboneError(f"cannot load a causal LM from {source}{hint}: {exc}") from exc
     model.to(device).eval()
     thought_id = add_thought_token(model, tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -373,6 +392,110 @@ def catalogue_texts(dataset, text_config: TextConfig | None = None) -> list[str]
     return [item_text(dataset.item_attributes[i], text_config) for i in range(1, dataset.n_items + 1)]
 
 
+@dataclass
+class PrefixStates:
+    """Last hidden states and KV cache of a batch of prompts computed with their common prefix
+    run once (:func:`forward_shared_prefix`).
+
+    Layout of every ``(B, L, ...)`` tensor: ``[shared prefix | left padding | rest of the
+    prompt]``, so each row's last real token is the last column.
+
+    Attributes:
+        hidden: ``(B, L, D)`` last-layer hidden states (the shared part broadcast to every row).
+        attention_mask: ``(B, L)``, 0 at padding.
+        positions: ``(B, L)`` position ids counted over non-padding tokens.
+        kv: per layer ``(key, value)`` of all ``L`` columns.
+        shared: length of the shared prefix.
+    """
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    shared: int
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Length of the longest common prefix of ``sequences``, capped so that every sequence
+    keeps at least ``keep`` tokens after it."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - keep
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return max(n, 0)
+
+
+def forward_shared_prefix(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    keep: int = 1,
+    device: torch.device | str | None = None,
+) -> PrefixStates:
+    """Decoder forward of ``prompts`` that runs their common prefix once (batch 1) and the
+    rest of each prompt on top of its KV cache.
+
+    All item prompts start with the same chat template, system prompt and instruction (31 of
+    ~57 tokens on ml-100k); by causality those positions compute the same thing for every
+    item, so running them once gives the same hidden states as the full batch (up to float
+    rounding) at about half the cost. Gradients flow through the shared part too (summed
+    over the rows); under training-mode dropout the shared part draws one mask for the batch.
+    Each row keeps at least ``keep`` tokens after the shared prefix. The LM head never runs.
+    """
+    from transformers import DynamicCache
+
+    if not prompts:
+        raise ValueError("no prompts")
+    device = device if device is not None else next(model.parameters()).device
+    body = decoder_of(model)
+    b = len(prompts)
+    p = common_prefix_length(prompts, keep)
+    rest_ids, rest_mask = collate([list(s[p:]) for s in prompts], pad_id, "left")
+    rest_ids, rest_mask = rest_ids.to(device), rest_mask.to(device)
+    mask = torch.cat([torch.ones((b, p), dtype=rest_mask.dtype, device=device), rest_mask], 1)
+    positions = position_ids_from_mask(mask)
+    if p == 0:
+        out = body(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PrefixStates(out.last_hidden_state, mask, positions, kv, 0)
+    pre = body(input_ids=torch.as_tensor([list(prompts[0][:p])], device=device),
+               position_ids=positions[:1, :p], use_cache=True)
+    cache = DynamicCache(ddp_cache_data=[
+        (layer.keys.expand(b, *layer.keys.shape[1:]), layer.values.expand(b, *layer.values.shape[1:]))
+        for layer in pre.past_key_values.layers
+    ])
+    out = body(input_ids=rest_ids, attention_mask=mask, position_ids=positions[:, p:],
+               past_key_values=cache, use_cache=True)
+    rest = out.last_hidden_state
+    hidden = torch.cat([pre.last_hidden_state.expand(b, p, rest.shape[-1]), rest], 1)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return PrefixStates(hidden, mask, positions, kv, p)
+
+
+def encode_prompts(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    pooling: str = "mean",
+    padding_side: str = "left",
+    share_prefix: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Pooled last hidden states ``(B, D)`` of ``prompts`` (the inference-only / SCFT item
+    embedding). ``share_prefix`` runs their common prefix once (:func:`forward_shared_prefix`,
+    same result); otherwise one padded batch (``padding_side``). The LM head never runs."""
+    device = device if device is not None else next(model.parameters()).device
+    if share_prefix:
+        states = forward_shared_prefix(model, prompts, pad_id, keep=1, device=device)
+        return pool(states.hidden, states.attention_mask, pooling)
+    ids, mask = collate(prompts, pad_id, padding_side)
+    ids, mask = ids.to(device), mask.to(device)
+    return pool(last_hidden_state(model, ids, mask), mask, pooling)
+
+
 def extract_embeddings(
     backbone: Backbone,
     texts: Sequence[str],
@@ -380,36 +503,54 @@ def extract_embeddings(
     encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "embedding items",
+    *,
+    encode_batch: Callable[[list[list[int]]], torch.Tensor] | None = None,
+    model: torch.nn.Module | None = None,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Item embeddings for ``texts`` (one row per text, in the given order), float32 on CPU.
 
     Prompts are sorted by length so that each batch pads little, then rows are put back in
-    the original order. ``encode(input_ids, attention_mask) -> (batch, dim)`` replaces the
-    default (pooled last hidden state of ``backbone.model``; no LM head): the LRCL two-pass
-    forward plugs in here.
+    the original order; everything runs under ``torch.inference_mode``. The default encoder
+    is :func:`encode_prompts` on ``model`` (default ``backbone.model``; a LoRA-wrapped model
+    works the same): pooled last hidden state, no LM head, the prompts' common prefix run once
+    per batch when ``share_prefix``. Two hooks replace it: ``encode(input_ids,
+    attention_mask) -> (batch, dim)`` receives padded batches (``backbone.config.padding_side``);
+    ``encode_batch(prompts) -> (batch, dim)`` receives the id lists (the LRCL two-pass
+    forward with a shared prefix plugs in here).
     """
     prompts = [backbone.prompt_ids(t) for t in texts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = backbone.device
-    mode = backbone.config.pooling
-    if encode is None:
+    model = model if model is not None else backbone.model
+    if encode is not None and encode_batch is not None:
+        raise ValueError("give encode or encode_batch, not both")
+    if encode is not None:
 
-        def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return pool(last_hidden_state(backbone.model, ids, mask), mask, mode)
+        def encode_batch(batch: list[list[int]]) -> torch.Tensor:
+            ids, mask = collate(batch, backbone.pad_id, backbone.config.padding_side)
+            return encode(ids.to(device), mask.to(device))
+
+    elif encode_batch is None:
+
+        def encode_batch(batch: list[list[int]]) -> torch.Tensor:
+            return encode_prompts(model, batch, backbone.pad_id, backbone.config.pooling,
+                                  backbone.config.padding_side, share_prefix, device)
 
     out: torch.Tensor | None = None
-    was_training = backbone.model.training
-    backbone.model.eval()
-    with torch.inference_mode():
-        bar = tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch")
-        for start in bar:
-            rows = order[start : start + batch_size]
-            ids, mask = collate([prompts[i] for i in rows], backbone.pad_id, backbone.config.padding_side)
-            emb = encode(ids.to(device), mask.to(device)).float().cpu()
-            if out is None:
-                out = torch.empty((len(prompts), emb.shape[1]), dtype=torch.float32)
-            out[torch.as_tensor(rows)] = emb
-    backbone.model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            bar = tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch")
+            for start in bar:
+                rows = order[start : start + batch_size]
+                emb = encode_batch([prompts[i] for i in rows]).float().cpu()
+                if out is None:
+                    out = torch.empty((len(prompts), emb.shape[1]), dtype=torch.float32)
+                out[torch.as_tensor(rows)] = emb
+    finally:
+        model.train(was_training)
     if out is None:
         raise ValueError("no texts to embed")
     return out

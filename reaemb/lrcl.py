@@ -13,6 +13,11 @@ X and Y are L2-normalised first (``normalize=True``): then ``X Yᵀ`` are cosine
 has its usual meaning and the loss cannot be lowered by inflating norms. The option
 ``loss="infonce"`` is the standard symmetric cosine InfoNCE (hard diagonal targets).
 
+Both run the prompts' common prefix once per batch (``share_prefix``, see
+:func:`reaemb.backbone.forward_shared_prefix`): the same outputs and gradients as one pass
+per view, at a fraction of the cost; under LoRA dropout the shared positions draw one
+dropout mask per batch instead of one per view.
+
 Training is seeded and resumable: each step ``s`` seeds torch with ``(seed, s)`` (dropout)
 and draws its items and views from ``(seed, s)``, so a run resumed from a checkpoint
 (LoRA adapter, thought module, τ, optimizer state, RNG state, step, loss history; written
@@ -36,10 +41,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import Backbone, collate, extract_embeddings, last_hidden_state, pool
+from .backbone import (
+    Backbone,
+    collate,
+    encode_prompts,
+    extract_embeddings,
+    forward_shared_prefix,
+    last_hidden_state,
+    pool,
+    position_ids_from_mask,
+)
 from .io import atomic_dir, atomic_write_json
 from .text import TextConfig, augmented_item_text, item_text
-from .thought import ThoughtAttention, ThoughtConfig, load_thought, thought_forward
+from .thought import (
+    ThoughtAttention,
+    ThoughtConfig,
+    ThoughtPrefix,
+    decode_suffix,
+    load_thought,
+    thought_forward,
+)
 
 __all__ = [
     "LORA_TARGETS",
@@ -50,12 +71,15 @@ __all__ = [
     "infonce_loss",
     "contrastive_loss",
     "build_encoder",
+    "build_optimizer",
+    "training_step",
     "train_contrastive",
     "encode_catalogue",
     "save_encoder",
     "load_encoder",
     "merge_lora",
     "build_llm_variant",
+    "summarize_variants",
 ]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,6 +103,10 @@ class LRCLConfig:
         normalize: L2-normalise the two views' embeddings before the loss.
         pooling: ``"mean"`` or ``"last"``.
         use_cache: LRCL pass 2 reuses the prefix of pass 1 (identical result, ~half the cost).
+        share_prefix: run the prompts' common prefix (chat template, system prompt,
+            instruction) once per batch instead of once per view (same outputs and
+            gradients in eval mode; under LoRA dropout the shared positions draw one mask
+            for the batch). About halves a step on ml-100k.
         max_value_chars: attribute values are cut to this many characters.
         drop_ratio: share of attributes dropped in an augmented view.
         seed: seeds LoRA and module init, item draws, views and dropout.
@@ -101,6 +129,7 @@ class LRCLConfig:
     normalize: bool = True
     pooling: str = "mean"
     use_cache: bool = True
+    share_prefix: bool = True
     max_value_chars: int = 100
     drop_ratio: float = 0.4
     seed: int = 0
@@ -168,24 +197,62 @@ class ItemEncoder(nn.Module):
     """Everything trained, as one module (what ``accelerator.prepare`` wraps): the LoRA
     model, the thought module (LRCL only) and the temperature ``tau``.
 
-    ``forward(input_ids, attention_mask)`` returns the item embeddings of the prompts.
+    ``forward(input_ids, attention_mask)`` returns the item embeddings of padded prompts;
+    ``forward(prompts=...)`` (lists of ids) does the same with the prompts' common prefix run
+    once when ``share_prefix`` (:func:`reaemb.backbone.forward_shared_prefix`; same outputs
+    and gradients in eval mode, about half the cost).
     """
 
     def __init__(self, model: nn.Module, thought: ThoughtAttention | None, thought_id: int,
-                 tau_init: float = 0.05, pooling: str = "mean", use_cache: bool = True) -> None:
+                 tau_init: float = 0.05, pooling: str = "mean", use_cache: bool = True,
+                 pad_id: int = 0, share_prefix: bool = True) -> None:
         super().__init__()
         self.model = model
         self.thought = thought
         self.thought_id = thought_id
         self.pooling = pooling
         self.use_cache = use_cache
+        self.pad_id = pad_id
+        self.share_prefix = share_prefix
         self.tau = nn.Parameter(torch.tensor(float(tau_init)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                prompts: list[list[int]] | None = None) -> torch.Tensor:
+        if prompts is not None:
+            return self.encode_prompts(prompts)
+        if input_ids is None or attention_mask is None:
+            raise ValueError("give input_ids and attention_mask, or prompts")
         if self.thought is None:
             return pool(last_hidden_state(self.model, input_ids, attention_mask), attention_mask, self.pooling)
         return thought_forward(self.model, self.thought, input_ids, attention_mask, thought_id=self.thought_id,
                                pooling=self.pooling, use_cache=self.use_cache).embedding
+
+    def encode_prompts(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Item embeddings ``(B, D)`` of prompts given as id lists (each ending in
+        ``<|Thought|>``, EOS)."""
+        device = self.tau.device
+        if not self.share_prefix:
+            ids, mask = collate(prompts, self.pad_id, "left")
+            return self.forward(ids.to(device), mask.to(device))
+        if self.thought is None:
+            return encode_prompts(self.model, prompts, self.pad_id, self.pooling, device=device)
+        return self._thought_shared(prompts, device)
+
+    def _thought_shared(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
+        # Pass 1 over everything before <|Thought|> with the common prefix run once, then the
+        # thought module and pass 2 on the two suffix positions (as thought_forward's cached
+        # path, whose layout [prefix | thought, EOS] this reproduces).
+        if any(len(p) < 3 or p[-2] != self.thought_id for p in prompts):
+            raise ValueError("every prompt must end with <|Thought|> then EOS")
+        states = forward_shared_prefix(self.model, [p[:-2] for p in prompts], self.pad_id, keep=1, device=device)
+        b = len(prompts)
+        mask = torch.cat([states.attention_mask, torch.ones((b, 2), dtype=states.attention_mask.dtype, device=device)], 1)
+        positions = position_ids_from_mask(mask)
+        hidden = states.hidden
+        mu = self.thought(hidden.detach().float(), states.attention_mask, states.positions).to(hidden.dtype)
+        eos = self.model.get_input_embeddings()(torch.as_tensor([p[-1] for p in prompts], device=device))
+        prefix = ThoughtPrefix(hidden, states.kv, mask, positions, eos, mu)
+        return decode_suffix(self.model, prefix, mu, self.pooling)
 
 
 def build_encoder(backbone: Backbone, config: LRCLConfig, calibration_texts: list[str] | None = None) -> ItemEncoder:
@@ -211,7 +278,8 @@ def build_encoder(backbone: Backbone, config: LRCLConfig, calibration_texts: lis
             hidden = last_hidden_state(model, ids, mask)[:, :-2]  # the prefix (causal: same as pass 1)
             emb = model.get_input_embeddings().weight
             thought.calibrate(emb[: backbone.thought_id], hidden, mask[:, :-2])
-    return ItemEncoder(model, thought, backbone.thought_id, config.tau_init, config.pooling, config.use_cache).to(backbone.device)
+    return ItemEncoder(model, thought, backbone.thought_id, config.tau_init, config.pooling, config.use_cache,
+                       backbone.pad_id, config.share_prefix).to(backbone.device)
 
 
 @dataclass
@@ -243,13 +311,15 @@ def _draw_batch(n_items: int, batch_size: int, seed: int, step: int, process: in
     return (rng.choice(n_items, size=min(batch_size, n_items), replace=False) + 1).tolist()
 
 
-def _view_prompts(backbone: Backbone, attributes: list[dict], items: list[int], config: LRCLConfig, step: int):
+def _view_prompts(backbone: Backbone, attributes: list[dict], items: list[int], config: LRCLConfig,
+                  step: int) -> list[list[int]]:
+    """Prompt ids of view 0 of every item, then view 1 (fresh views each step)."""
     texts = [
         augmented_item_text(attributes[i], seed=config.seed * 100_003 + step, item=i, view=v, config=config.text_config)
         for v in (0, 1)
         for i in items
     ]
-    return collate([backbone.prompt_ids(t) for t in texts], backbone.pad_id, "left")
+    return [backbone.prompt_ids(t) for t in texts]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -314,6 +384,45 @@ def _load_checkpoint(folder: Path, encoder: ItemEncoder, optimizer: torch.optim.
 # --------------------------------------------------------------------------- training
 
 
+def build_optimizer(encoder: ItemEncoder, config: LRCLConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``encoder`` (no weight decay on ``tau``)."""
+    others = [p for n, p in encoder.named_parameters() if p.requires_grad and n != "tau"]
+    return torch.optim.AdamW([
+        {"params": others, "weight_decay": config.weight_decay},
+        {"params": [encoder.tau], "weight_decay": 0.0},
+    ], lr=config.lr)
+
+
+def training_step(model: nn.Module, encoder: ItemEncoder, optimizer: torch.optim.Optimizer,
+                  prompts: list[list[int]], config: LRCLConfig, accelerator=None) -> float:
+    """One optimizer step on ``prompts`` (view 0 of every item, then view 1): forward,
+    :func:`contrastive_loss`, backward, gradient clipping, update, then ``tau`` clamped to
+    ``config.tau_min``. ``model`` is ``encoder`` or its ``accelerate`` wrapper. Returns the loss."""
+    n = len(prompts) // 2
+    if 2 * n != len(prompts) or n < 2:
+        raise ValueError(f"expected two views of at least 2 items, got {len(prompts)} prompts")
+    if config.share_prefix:
+        emb = model(prompts=prompts)
+    else:
+        ids, mask = collate(prompts, encoder.pad_id, "left")
+        emb = model(ids.to(encoder.tau.device), mask.to(encoder.tau.device))
+    loss = contrastive_loss(emb[:n], emb[n:], encoder.tau, config)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if accelerator is not None:
+        accelerator.backward(loss)
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    else:
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        encoder.tau.clamp_(min=config.tau_min)
+    return float(loss.detach())
+
+
 def train_contrastive(
     backbone: Backbone,
     attributes: list[dict],
@@ -339,12 +448,7 @@ def train_contrastive(
     n_items = len(attributes) - 1
     calibration = [item_text(attributes[i], config.text_config) for i in range(1, min(n_items, 32) + 1)]
     encoder = build_encoder(backbone, config, calibration)
-    tau_params = [encoder.tau]
-    others = [p for n, p in encoder.named_parameters() if p.requires_grad and n != "tau"]
-    optimizer = torch.optim.AdamW([
-        {"params": others, "weight_decay": config.weight_decay},
-        {"params": tau_params, "weight_decay": 0.0},
-    ], lr=config.lr)
+    optimizer = build_optimizer(encoder, config)
     start, history = 0, []
     latest = Path(checkpoint_dir) / "latest" if checkpoint_dir is not None else None
     if latest is not None and (latest / "state.json").exists():
@@ -359,18 +463,9 @@ def train_contrastive(
         t0 = time.perf_counter()
         torch.manual_seed(_step_seed(config.seed, step, accelerator.process_index))
         items = _draw_batch(n_items, config.batch_size, config.seed, step, accelerator.process_index)
-        ids, mask = _view_prompts(backbone, attributes, items, config, step)
-        emb = wrapped(ids.to(accelerator.device), mask.to(accelerator.device))
-        x, y = emb[: len(items)], emb[len(items):]
-        loss = contrastive_loss(x, y, encoder.tau, config)
-        accelerator.backward(loss)
-        if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            encoder.tau.clamp_(min=config.tau_min)
-        record = {"step": step + 1, "loss": float(loss.detach()), "tau": float(encoder.tau.detach()),
+        prompts = _view_prompts(backbone, attributes, items, config, step)
+        loss = training_step(wrapped, encoder, optimizer, prompts, config, accelerator)
+        record = {"step": step + 1, "loss": loss, "tau": float(encoder.tau.detach()),
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['tau']:.4f}")
@@ -390,7 +485,8 @@ def encode_catalogue(backbone: Backbone, encoder: ItemEncoder | None, texts: lis
     if encoder is None:
         return extract_embeddings(backbone, texts, batch_size, progress=progress, desc=desc)
     encoder.eval()
-    return extract_embeddings(backbone, texts, batch_size, encode=encoder, progress=progress, desc=desc)
+    return extract_embeddings(backbone, texts, batch_size, progress=progress, desc=desc,
+                              encode_batch=encoder.encode_prompts, model=encoder)
 
 
 def save_encoder(encoder: ItemEncoder, folder: str | Path, meta: dict | None = None) -> Path:
@@ -404,7 +500,8 @@ def save_encoder(encoder: ItemEncoder, folder: str | Path, meta: dict | None = N
         if encoder.thought is not None:
             save_thought(encoder.thought, tmp / "thought")
         atomic_write_json(tmp / "encoder.json", {"tau": float(encoder.tau), "pooling": encoder.pooling,
-                                                 "thought_id": encoder.thought_id, "meta": meta or {}})
+                                                 "thought_id": encoder.thought_id, "share_prefix": encoder.share_prefix,
+                                                 "meta": meta or {}})
     return folder
 
 
@@ -418,7 +515,8 @@ def load_encoder(backbone: Backbone, folder: str | Path) -> ItemEncoder:
     info = json.loads((folder / "encoder.json").read_text())
     model = PeftModel.from_pretrained(backbone.model, folder / "adapter")
     thought = load_thought(folder / "thought", backbone.device) if (folder / "thought").exists() else None
-    return ItemEncoder(model, thought, backbone.thought_id, info["tau"], info["pooling"]).to(backbone.device).eval()
+    return ItemEncoder(model, thought, backbone.thought_id, info["tau"], info["pooling"], pad_id=backbone.pad_id,
+                       share_prefix=info.get("share_prefix", True)).to(backbone.device).eval()
 
 
 def merge_lora(encoder_or_model: ItemEncoder | nn.Module) -> nn.Module:
@@ -430,6 +528,20 @@ def merge_lora(encoder_or_model: ItemEncoder | nn.Module) -> nn.Module:
     if isinstance(encoder_or_model, ItemEncoder):
         encoder_or_model.model = merged
     return merged
+
+
+def _variant_key(variant: str, dataset, backbone_config, config: LRCLConfig | None, text_config: TextConfig) -> dict:
+    """What an embedding table of ``variant`` depends on (a table built with another key is rebuilt)."""
+    from dataclasses import asdict
+
+    return {
+        "variant": variant,
+        "dataset": dataset.path.name if getattr(dataset, "path", None) is not None else dataset.name,
+        "n_items": int(dataset.n_items),
+        "backbone": {k: v for k, v in asdict(backbone_config).items() if k not in ("cache_dir", "device")},
+        "text": asdict(text_config),
+        "training": None if config is None else {**config.identity(), "steps": config.steps},
+    }
 
 
 def build_llm_variant(
@@ -446,10 +558,21 @@ def build_llm_variant(
 
     ``variant`` is ``"inference"`` (frozen backbone), ``"scft"`` or ``"lrcl"`` (trained with
     ``config``, its method set from the variant). Writes ``<run>/embeddings/<variant>/``, the
-    trained parts to ``<run>/models/<variant>/`` and the loss history to
-    ``<run>/results/loss_<variant>.json``; checkpoints go to ``<run>/checkpoints/<variant>/``.
-    A variant already present is skipped unless ``rebuild``. Returns a summary (seconds,
-    items/s of the extraction, loss history).
+    trained parts to ``<run>/models/<variant>/`` and a summary with the loss history to
+    ``<run>/results/llm_<variant>.json``; checkpoints go to ``<run>/checkpoints/<variant>/``.
+
+    Resuming: a variant already built with the same settings (dataset, backbone, text and
+    training configuration, steps) is skipped and its saved summary returned; an interrupted
+    training resumes from its last checkpoint; more steps with an otherwise unchanged
+    configuration continue from the checkpoint. A variant built with other settings is
+    rebuilt (its checkpoints are discarded when the training configuration differs);
+    ``rebuild`` forces a fresh build.
+
+    Returns:
+        ``variant``, ``skipped``, ``history`` (one dict per step), ``train_seconds`` (sum of
+        the step times, over resumed sessions too; 0 for inference), ``build_seconds`` (wall
+        time of the build that finished), ``extract_seconds`` and ``items_per_second``
+        (catalogue extraction), ``n_items``, ``key``.
     """
     import dataclasses
     import shutil
@@ -459,29 +582,54 @@ def build_llm_variant(
 
     if variant not in ("inference", "scft", "lrcl"):
         raise ValueError(f"variant must be inference, scft or lrcl, got {variant!r}")
-    history_path = run.results / f"loss_{variant}.json"
-    if variant in list_variants(run.embeddings) and not rebuild:
-        history = json.loads(history_path.read_text()) if history_path.exists() else []
-        return {"variant": variant, "skipped": True, "history": history}
-    config = dataclasses.replace(config or LRCLConfig(), method=variant) if variant != "inference" else config
+    config = dataclasses.replace(config or LRCLConfig(), method=variant) if variant != "inference" else None
     text_config = config.text_config if config is not None else TextConfig()
+    key = _variant_key(variant, dataset, backbone_config, config, text_config)
+    summary_path = run.results / f"llm_{variant}.json"
+    if not rebuild and variant in list_variants(run.embeddings) and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("key") == key:
+            return {**summary, "skipped": True}
+    ckpt = run.checkpoints / variant
+    state = ckpt / "latest" / "state.json"
+    if config is not None and state.exists() and (
+        rebuild or json.loads(state.read_text()).get("config") != config.identity()
+    ):
+        shutil.rmtree(ckpt)
     backbone = load_backbone(backbone_config)
     texts = catalogue_texts(dataset, text_config)
     t0 = time.perf_counter()
     encoder, history = None, []
-    if variant != "inference":
-        ckpt = run.checkpoints / variant
-        if rebuild and ckpt.exists():
-            shutil.rmtree(ckpt)
+    if config is not None:
         result = train_contrastive(backbone, dataset.item_attributes, config, ckpt, progress=progress)
         encoder, history = result.encoder, result.history
-        save_encoder(encoder, run.root / "models" / variant, meta={"config": config.identity()})
+        save_encoder(encoder, run.root / "models" / variant, meta={"key": key})
     t1 = time.perf_counter()
     table = encode_catalogue(backbone, encoder, texts, batch_size, progress=progress, desc=f"{variant} embeddings")
     t2 = time.perf_counter()
-    meta = {"backbone": backbone.source, "pooling": backbone.config.pooling, "max_value_chars": text_config.max_value_chars,
-            "config": config.identity() if config is not None else None}
+    meta = {"backbone": backbone.source, "key": key}
     save_item_embeddings(run.embeddings, variant, table, dataset, meta=meta)
-    atomic_write_json(history_path, history)
-    return {"variant": variant, "skipped": False, "history": history, "train_seconds": t1 - t0,
-            "extract_seconds": t2 - t1, "items_per_second": len(texts) / (t2 - t1)}
+    summary = {"variant": variant, "history": history, "train_seconds": sum(h["seconds"] for h in history),
+               "build_seconds": t2 - t0, "extract_seconds": t2 - t1,
+               "items_per_second": len(texts) / (t2 - t1), "n_items": len(texts), "key": key}
+    atomic_write_json(summary_path, summary)
+    return {**summary, "skipped": False}
+
+
+def summarize_variants(summaries: dict[str, dict]):
+    """One row per variant built by :func:`build_llm_variant`: steps, training seconds,
+    first and last loss, extraction items/s, whether it was skipped (already built)."""
+    import pandas as pd
+
+    rows = {}
+    for name, s in summaries.items():
+        losses = [h["loss"] for h in s.get("history", [])]
+        rows[name] = {
+            "steps": len(losses),
+            "train_seconds": round(s.get("train_seconds", 0.0), 1),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "extract_items_per_s": round(s.get("items_per_second", float("nan")), 2),
+            "skipped": bool(s.get("skipped", False)),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -10,7 +10,13 @@ import numpy as np
 
 from .data.prepared import PreparedDataset
 
-__all__ = ["save_figure", "item_popularity_plot", "group_metric_plot", "umap_grid_plot"]
+__all__ = [
+    "save_figure",
+    "item_popularity_plot",
+    "group_metric_plot",
+    "umap_grid_plot",
+    "loss_curves_plot",
+]
 
 
 def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
@@ -120,6 +126,29 @@ def umap_grid_plot(coords: dict[str, np.ndarray], labels: np.ndarray, popularity
     fig.colorbar(sc, ax=axes[1, -1], label="log(1 + interactions)")
     axes[0, 0].set_ylabel("by category; lines: co-occurring pairs")
     axes[1, 0].set_ylabel("by popularity")
+
+
+def loss_curves_plot(histories: dict[str, list[dict]], stem: str | Path | None = None,
+                     title: str | None = None) -> plt.Figure:
+    """Training curves of contrastive variants: loss per step (left) and the learnable
+    temperature τ (right). ``histories`` maps a variant name to its per-step records
+    (``step``, ``loss``, ``tau``), as :func:`reaemb.lrcl.train_contrastive` returns them;
+    variants without steps are left out."""
+    fig, (ax_loss, ax_tau) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    for name, history in histories.items():
+        if not history:
+            continue
+        steps = [h["step"] for h in history]
+        line, = ax_loss.plot(steps, [h["loss"] for h in history], marker="o", ms=3, lw=1.2, label=name.upper())
+        ax_tau.plot(steps, [h["tau"] for h in history], marker="o", ms=3, lw=1.2, color=line.get_color())
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("contrastive loss (batch)")
+    ax_tau.set_xlabel("step")
+    ax_tau.set_ylabel("temperature τ")
+    if ax_loss.lines:
+        ax_loss.legend(frameon=False)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     if stem is not None:
         save_figure(fig, stem)

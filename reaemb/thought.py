@@ -132,6 +132,7 @@ class ThoughtAttention(nn.Module):
     ) -> torch.Tensor:
         """Unscaled output ``r``. ``hidden`` ``(B, L, D)``; keys are the non-padding
         positions ``<= query_index`` (default: the last column, i.e. left padding)."""
+        hidden = hidden.to(self.q_proj.weight.dtype)  # bf16 LLM states, fp32 module
         b, length, d = hidden.shape
         rows = torch.arange(b, device=hidden.device)
         if query_index is None:

@@ -3,6 +3,8 @@ datasets (``$REAEMB_DATA_DIR`` or ``../shared/data`` beside the checkout)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,3 +35,51 @@ def isolated_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("REAEMB_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("REAEMB_FIGURES_DIR", str(tmp_path / "figures"))
     return tmp_path
+
+
+# --------------------------------------------------------------------------- LLM fixtures
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from reaemb.backbone import convert_gguf, embedded_gguf
+
+    return AutoTokenizer.from_pretrained(convert_gguf(embedded_gguf()))
+
+
+def tiny_backbone(seed: int = 0, padding_side: str = "left"):
+    """A :class:`reaemb.backbone.Backbone` around a tiny random Llama (2 layers, hidden 32)
+    with the real SmolLM2 tokenizer and chat template, ``<|Thought|>`` added: the full code
+    path of the embedded backbone in milliseconds. A fresh one per call (LoRA is injected in
+    place)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reaemb.backbone import Backbone, BackboneConfig, add_thought_token
+
+    tokenizer = copy.deepcopy(_smollm2_tokenizer())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    thought_id = add_thought_token(model, tokenizer)
+    eos = int(tokenizer.eos_token_id)
+    pad = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos
+    config = BackboneConfig(model="tiny-llama", padding_side=padding_side)
+    return Backbone(model, tokenizer, thought_id, eos, pad, config, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct (converted once into the model cache)."""
+    from reaemb.backbone import BackboneConfig, load_backbone
+
+    return load_backbone(BackboneConfig())
+
+
+@pytest.fixture
+def make_tiny_backbone():
+    """Factory of fresh :func:`tiny_backbone` instances."""
+    return tiny_backbone
