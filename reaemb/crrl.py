@@ -47,6 +47,8 @@ __all__ = [
     "grpo_loss",
     "ThoughtPolicy",
     "Rollouts",
+    "SIMILARITIES",
+    "table_center",
     "anchor_scores",
     "first_rank_share",
     "table_reward",
@@ -55,6 +57,9 @@ __all__ = [
     "crrl_step",
     "train_crrl",
 ]
+
+
+SIMILARITIES = ("dot", "centered")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,10 @@ class CRRLConfig:
         num_iterations: PPO passes over each batch of rollouts.
         beta: weight of the closed-form KL to the frozen LRCL module (0 = none).
         advantage: ``"group"`` (GRPO) or ``"batch"`` (the reference code's scheme).
+        similarity: how candidates are scored against a rollout's embedding: ``"dot"`` (the
+            method's dot product) or ``"centered"`` (dot product after subtracting the mean
+            row of the candidate table from both, i.e. the dot product in the centred space
+            that PCA hands to the recommenders). See the module docstring for why.
         learning_rate: Adam learning rate of the thought module.
         anchors_per_step: anchors per optimisation step.
         steps: optimisation steps.
@@ -95,6 +104,7 @@ class CRRLConfig:
     num_iterations: int = 2
     beta: float = 0.0
     advantage: str = "group"
+    similarity: str = "centered"
     learning_rate: float = 1e-4
     anchors_per_step: int = 8
     steps: int = 50
@@ -108,6 +118,8 @@ class CRRLConfig:
             raise ValueError("num_generations must be >= 2 (advantages are relative to the group)")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.advantage not in ("group", "batch"):
             raise ValueError(f"advantage must be 'group' or 'batch', got {self.advantage!r}")
         if self.n_negatives < 1 or self.top_k_positives < 1:
@@ -386,28 +398,41 @@ class ThoughtPolicy(Protocol):
 # training
 
 
-def anchor_scores(table: torch.Tensor, anchors: Anchors) -> torch.Tensor:
-    """(A, k + n) dot products of each anchor's row of ``table`` (rows = item indices) with
-    the rows of its candidates, positives first."""
+def table_center(table: torch.Tensor, similarity: str) -> torch.Tensor | None:
+    """What ``similarity`` subtracts from embeddings before the dot product: the mean of the
+    table's item rows (row 0 = padding excluded) for ``"centered"``, None for ``"dot"``."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return torch.as_tensor(table)[1:].mean(0) if similarity == "centered" else None
+
+
+def anchor_scores(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> torch.Tensor:
+    """(A, k + n) scores of each anchor's row of ``table`` (rows = item indices) against the
+    rows of its candidates, positives first (dot products, after centring for
+    ``similarity="centered"``)."""
     table = torch.as_tensor(table, dtype=torch.float32)
+    center = table_center(table, similarity)
+    if center is not None:
+        table = table - center
     anchor = table[torch.as_tensor(anchors.anchor)]
     cand = table[torch.as_tensor(anchors.candidates)]
     return torch.einsum("ad,acd->ac", anchor, cand)
 
 
-def first_rank_share(table: torch.Tensor, anchors: Anchors) -> float:
+def first_rank_share(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> float:
     """Share of anchors whose (first) positive outranks all their negatives, scoring every
-    candidate by dot product with the anchor's row of ``table`` (rows = item indices)."""
-    scores = anchor_scores(table, anchors)
+    candidate against the anchor's row of ``table`` (rows = item indices)."""
+    scores = anchor_scores(table, anchors, similarity)
     k = anchors.positives.shape[1]
     return float((scores[:, k:] < scores[:, :1]).all(dim=1).float().mean())
 
 
-def table_reward(table: torch.Tensor, anchors: Anchors) -> float:
+def table_reward(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> float:
     """Mean noise-free reward over ``anchors`` when every item is embedded by its row of
     ``table``: the reward of the policy's mean action, on all anchors at once."""
     k = anchors.positives.shape[1]
-    return float(cooccurrence_reward(anchor_scores(table, anchors), k, torch.as_tensor(anchors.weights)).mean())
+    scores = anchor_scores(table, anchors, similarity)
+    return float(cooccurrence_reward(scores, k, torch.as_tensor(anchors.weights)).mean())
 
 
 def _anchor_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -473,7 +498,11 @@ def sample_rollouts(
     noise = rollout_noise(config, step, positions, mu.shape[1]).to(mu)
     actions = mu.unsqueeze(1) + config.sigma * noise
     emb = policy.embed(states, actions)  # (A, G, D)
-    cand = torch.as_tensor(table)[torch.as_tensor(batch.candidates)].to(emb)  # (A, C, D)
+    table = torch.as_tensor(table)
+    cand = table[torch.as_tensor(batch.candidates)].to(emb)  # (A, C, D)
+    center = table_center(table, config.similarity)
+    if center is not None:
+        emb, cand = emb - center.to(emb), cand - center.to(emb)
     scores = torch.einsum("agd,acd->agc", emb, cand)
     k = batch.positives.shape[1]
     w = torch.as_tensor(batch.weights).unsqueeze(1).expand(-1, config.num_generations, -1)

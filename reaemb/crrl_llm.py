@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .backbone import collate, decoder_of, position_ids_from_mask
 from .crrl import (
+    SIMILARITIES,
     Anchors,
     CRRLConfig,
     build_anchors,
@@ -101,9 +102,10 @@ class PrefixCache:
         rel = torch.arange(width).unsqueeze(0) - (width - length).unsqueeze(1)
         valid = rel >= 0
         rows = (start.unsqueeze(1) + rel.clamp(min=0)).to(self.hidden.device)
-        valid_d = valid.to(self.hidden.device)
-        hidden = self.hidden[rows] * valid_d.unsqueeze(-1).to(self.hidden.dtype)
-        kv = self.kv[rows] * valid_d.view(*valid.shape, 1, 1, 1, 1).to(self.kv.dtype)
+        # Padding columns repeat the item's first token: finite values that the attention
+        # mask, the thought module's mask and the pooling mask all ignore.
+        hidden = self.hidden[rows]
+        kv = self.kv[rows]
         mask = torch.cat([valid.long(), torch.ones(len(items), 2, dtype=torch.long)], 1).to(self.hidden.device)
         pairs = [(kv[:, :, layer, 0].transpose(1, 2), kv[:, :, layer, 1].transpose(1, 2)) for layer in range(kv.shape[2])]
         eos = self.eos_embed.unsqueeze(0).expand(len(items), -1)
@@ -289,15 +291,17 @@ class LLMThoughtPolicy:
 # --------------------------------------------------------------------------- the stage
 
 
-def crrl_evaluation(train: Anchors, valid: Anchors | None = None):
+def crrl_evaluation(train: Anchors, valid: Anchors | None = None, similarity: str = "dot"):
     """``table -> dict``: mean noise-free reward and first-rank share of the positive, on the
     training anchors and (if given) on the validation anchors, each item embedded by its row
-    of the candidate table."""
+    of the candidate table, candidates scored with ``similarity``."""
 
     def evaluate(table: torch.Tensor) -> dict:
-        out = {"train_reward": table_reward(table, train), "train_first": first_rank_share(table, train)}
+        out = {"train_reward": table_reward(table, train, similarity),
+               "train_first": first_rank_share(table, train, similarity)}
         if valid is not None:
-            out |= {"valid_reward": table_reward(table, valid), "valid_first": first_rank_share(table, valid)}
+            out |= {"valid_reward": table_reward(table, valid, similarity),
+                    "valid_first": first_rank_share(table, valid, similarity)}
         return out
 
     return evaluate
@@ -366,9 +370,10 @@ def build_crrl_variant(
                             negative_fallback_share=config.negative_fallback_share)
     valid = build_anchors(validation_cooccurrence(dataset), config.n_negatives, config.top_k_positives, config.seed,
                           exclude=dataset.cooccurrence, negative_fallback_share=config.negative_fallback_share)
-    evaluate = crrl_evaluation(anchors, valid)
+    evaluate = crrl_evaluation(anchors, valid, config.similarity)
     table = policy.catalogue_table()
     before = evaluate(table)
+    before_by = {sim: crrl_evaluation(anchors, valid, sim)(table) for sim in SIMILARITIES}
     ckpt = run.checkpoints / "crrl"
     if rebuild and ckpt.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt)
@@ -380,6 +385,7 @@ def build_crrl_variant(
     t_end_train = time.perf_counter()
     final = policy.catalogue_table()
     after = evaluate(final)
+    after_by = {sim: crrl_evaluation(anchors, valid, sim)(final) for sim in SIMILARITIES}
     t_final = time.perf_counter()
     evaluations = [{"step": h["step"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")}}
                    for h in history if any(k.startswith("eval_") for k in h)]
@@ -391,6 +397,7 @@ def build_crrl_variant(
         "evaluations": evaluations,
         "before": before,
         "after": after,
+        "by_similarity": {"before": before_by, "after": after_by},
         "anchors": {"train": len(anchors), "train_skipped": anchors.n_skipped, "train_fallback": anchors.n_fallback,
                     "valid": len(valid), "valid_skipped": valid.n_skipped, "valid_fallback": valid.n_fallback,
                     "valid_positive_is_train_positive": float(np.mean(
