@@ -26,7 +26,7 @@ embedding), so the optimisation here is tested on toy policies without a languag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -46,7 +46,20 @@ __all__ = [
     "gaussian_log_prob",
     "grpo_loss",
     "ThoughtPolicy",
+    "Rollouts",
+    "SIMILARITIES",
+    "table_center",
+    "anchor_scores",
+    "first_rank_share",
+    "table_reward",
+    "rollout_noise",
+    "sample_rollouts",
+    "crrl_step",
+    "train_crrl",
 ]
+
+
+SIMILARITIES = ("dot", "centered")
 
 
 @dataclass(frozen=True)
@@ -57,12 +70,19 @@ class CRRLConfig:
         num_generations: rollouts per anchor (G).
         sigma: standard deviation of the Gaussian policy on the thought vector.
         n_negatives: random never-co-occurring candidates per anchor.
+        negative_fallback_share: for anchors with fewer than ``n_negatives`` never-co-occurring
+            items (dense data), negatives are drawn from this share of the catalogue that
+            co-occurs least with them (see :func:`build_anchors`); 0 skips such anchors.
         top_k_positives: 1 = the most co-occurring item; k > 1 weights the top k by count share.
         epsilon: lower clip of the probability ratio (1 − ε).
         epsilon_high: upper clip (1 + ε_high), DAPO-style asymmetric clipping.
         num_iterations: PPO passes over each batch of rollouts.
         beta: weight of the closed-form KL to the frozen LRCL module (0 = none).
         advantage: ``"group"`` (GRPO) or ``"batch"`` (the reference code's scheme).
+        similarity: how candidates are scored against a rollout's embedding: ``"dot"`` (the
+            method's dot product) or ``"centered"`` (dot product after subtracting the mean
+            row of the candidate table from both, i.e. the dot product in the centred space
+            that PCA hands to the recommenders). See the module docstring for why.
         learning_rate: Adam learning rate of the thought module.
         anchors_per_step: anchors per optimisation step.
         steps: optimisation steps.
@@ -77,12 +97,14 @@ class CRRLConfig:
     num_generations: int = 8
     sigma: float = 0.1
     n_negatives: int = 9
+    negative_fallback_share: float = 0.1
     top_k_positives: int = 1
     epsilon: float = 0.2
     epsilon_high: float = 0.28
     num_iterations: int = 2
     beta: float = 0.0
     advantage: str = "group"
+    similarity: str = "centered"
     learning_rate: float = 1e-4
     anchors_per_step: int = 8
     steps: int = 50
@@ -96,10 +118,23 @@ class CRRLConfig:
             raise ValueError("num_generations must be >= 2 (advantages are relative to the group)")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.advantage not in ("group", "batch"):
             raise ValueError(f"advantage must be 'group' or 'batch', got {self.advantage!r}")
         if self.n_negatives < 1 or self.top_k_positives < 1:
             raise ValueError("n_negatives and top_k_positives must be >= 1")
+        if not 0.0 <= self.negative_fallback_share < 1.0:
+            raise ValueError(f"negative_fallback_share must be in [0, 1), got {self.negative_fallback_share}")
+        if self.steps < 0 or self.anchors_per_step < 1 or self.num_iterations < 1:
+            raise ValueError("need steps >= 0, anchors_per_step >= 1 and num_iterations >= 1")
+
+    def identity(self) -> dict:
+        """Fields that must match for a checkpoint to be resumed (not steps/checkpointing)."""
+        d = asdict(self)
+        d.pop("steps")
+        d.pop("checkpoint_every")
+        return d
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,8 +149,11 @@ class Anchors:
         anchor: (A,) item indices.
         positives: (A, k) the k most co-occurring items (padded with 0 where fewer exist).
         weights: (A, k) each positive's share of the counts over the k (0 for padding).
-        negatives: (A, n) items that never co-occur with the anchor (seeded).
-        n_skipped: items without any co-occurrence (no positive: skipped).
+        negatives: (A, n) items that never co-occur with the anchor (seeded), or, for anchors
+            that co-occur with almost everything, items among the least co-occurring ones.
+        n_skipped: items left out (no co-occurring item, or too few possible negatives).
+        n_fallback: anchors whose negatives come from the least co-occurring items because
+            fewer than n items never co-occur with them.
     """
 
     anchor: np.ndarray
@@ -123,6 +161,7 @@ class Anchors:
     weights: np.ndarray
     negatives: np.ndarray
     n_skipped: int
+    n_fallback: int = 0
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -133,7 +172,8 @@ class Anchors:
         return np.concatenate([self.positives, self.negatives], axis=1)
 
     def subset(self, idx: np.ndarray) -> Anchors:
-        return Anchors(self.anchor[idx], self.positives[idx], self.weights[idx], self.negatives[idx], self.n_skipped)
+        return Anchors(self.anchor[idx], self.positives[idx], self.weights[idx], self.negatives[idx],
+                       self.n_skipped, self.n_fallback)
 
 
 def build_anchors(
@@ -142,6 +182,7 @@ def build_anchors(
     top_k: int = 1,
     seed: int = 0,
     exclude: sp.csr_matrix | None = None,
+    negative_fallback_share: float = 0.0,
 ) -> Anchors:
     """Anchors from a co-occurrence matrix (row/column 0 = padding).
 
@@ -149,13 +190,23 @@ def build_anchors(
     ``top_k`` most co-occurring items (ties: smaller index first), weighted by their share of
     the counts; its negatives are ``n_negatives`` distinct items drawn uniformly from those
     that never co-occur with it (in ``cooccurrence`` nor in ``exclude``), never itself.
+
+    Dense data (the popular items of MovieLens co-occur with nearly every other item) leaves
+    some anchors fewer than ``n_negatives`` never-co-occurring items. With
+    ``negative_fallback_share = s > 0`` such an anchor draws its negatives from its least
+    co-occurring items instead: the ``max(n_negatives, ceil(s · n_items))`` smallest counts
+    (in ``cooccurrence + exclude``; ties at the cut included), never a positive, never itself;
+    ``n_fallback`` counts these anchors. With ``s = 0`` they are skipped.
     """
+    if not 0.0 <= negative_fallback_share < 1.0:
+        raise ValueError(f"negative_fallback_share must be in [0, 1), got {negative_fallback_share}")
     c = cooccurrence.tocsr()
     n = c.shape[0] - 1
-    seen = c if exclude is None else (c + exclude.tocsr())
+    seen = c if exclude is None else (c + exclude.tocsr()).tocsr()
     rng = np.random.default_rng(seed)
+    pool_size = max(n_negatives, math.ceil(negative_fallback_share * n))
     anchors, positives, weights, negatives = [], [], [], []
-    skipped = 0
+    skipped = fallback = 0
     for item in range(1, n + 1):
         lo, hi = c.indptr[item], c.indptr[item + 1]
         cols, counts = c.indices[lo:hi], c.data[lo:hi]
@@ -169,30 +220,47 @@ def build_anchors(
         w = np.zeros(top_k, dtype=np.float64)
         pos[: len(order)] = cols[order]
         w[: len(order)] = counts[order] / counts[order].sum()
-        forbidden = set(seen.indices[seen.indptr[item] : seen.indptr[item + 1]].tolist()) | {0, item}
+        s_lo, s_hi = seen.indptr[item], seen.indptr[item + 1]
+        seen_cols, seen_counts = seen.indices[s_lo:s_hi], seen.data[s_lo:s_hi]
+        forbidden = set(seen_cols[seen_counts > 0].tolist()) | {0, item}
         n_free = n + 1 - len(forbidden)
-        if n_free < n_negatives:
+        if n_free >= n_negatives:
+            neg: list[int] = []
+            while len(neg) < n_negatives:  # rejection sampling: forbidden sets are small
+                for cand in rng.integers(1, n + 1, size=2 * n_negatives):
+                    if int(cand) not in forbidden and int(cand) not in neg:
+                        neg.append(int(cand))
+                        if len(neg) == n_negatives:
+                            break
+        elif negative_fallback_share > 0 and n - 1 - len(set(pos.tolist()) - {0}) >= n_negatives:
+            row = np.zeros(n + 1, dtype=np.float64)
+            row[seen_cols] = seen_counts
+            row[[0, item]] = np.inf
+            row[pos[pos > 0]] = np.inf
+            finite = np.isfinite(row)
+            cut = np.sort(row[finite])[min(pool_size, int(finite.sum())) - 1]
+            pool = np.flatnonzero(finite & (row <= cut))
+            neg = rng.choice(pool, size=n_negatives, replace=False).tolist()
+            fallback += 1
+        else:
             skipped += 1
             continue
-        neg: list[int] = []
-        while len(neg) < n_negatives:  # rejection sampling: forbidden sets are small
-            for cand in rng.integers(1, n + 1, size=2 * n_negatives):
-                if int(cand) not in forbidden and int(cand) not in neg:
-                    neg.append(int(cand))
-                    if len(neg) == n_negatives:
-                        break
         anchors.append(item)
         positives.append(pos)
         weights.append(w)
         negatives.append(neg)
     if not anchors:
-        raise ValueError("no item has a co-occurring item: nothing to train CRRL on")
+        raise ValueError(
+            f"no anchor: {skipped} items have no co-occurring item or fewer than {n_negatives} "
+            "never-co-occurring items (set negative_fallback_share > 0 for dense data)"
+        )
     return Anchors(
         np.asarray(anchors, dtype=np.int64),
         np.stack(positives),
         np.stack(weights),
         np.asarray(negatives, dtype=np.int64),
         skipped,
+        fallback,
     )
 
 
@@ -319,7 +387,8 @@ class ThoughtPolicy(Protocol):
         """μθ: (B, d) thought vectors from pass-1 states; differentiable in the module."""
 
     def embed(self, states: object, thoughts: torch.Tensor) -> torch.Tensor:
-        """Pass 2 with ``thoughts`` at the thought position: (B, D) item embeddings."""
+        """Pass 2 with ``thoughts`` (A, G, d) at the thought position: (A, G, D) item
+        embeddings, G rollouts per anchor (no gradient needed: they only feed the reward)."""
 
     def parameters(self):
         """Trainable parameters (the thought attention module)."""
@@ -329,16 +398,41 @@ class ThoughtPolicy(Protocol):
 # training
 
 
-def first_rank_share(table: torch.Tensor, anchors: Anchors) -> float:
-    """Share of anchors whose (first) positive outranks all their negatives, scoring every
-    candidate by dot product with the anchor's row of ``table`` (rows = item indices)."""
+def table_center(table: torch.Tensor, similarity: str) -> torch.Tensor | None:
+    """What ``similarity`` subtracts from embeddings before the dot product: the mean of the
+    table's item rows (row 0 = padding excluded) for ``"centered"``, None for ``"dot"``."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return torch.as_tensor(table)[1:].mean(0) if similarity == "centered" else None
+
+
+def anchor_scores(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> torch.Tensor:
+    """(A, k + n) scores of each anchor's row of ``table`` (rows = item indices) against the
+    rows of its candidates, positives first (dot products, after centring for
+    ``similarity="centered"``)."""
     table = torch.as_tensor(table, dtype=torch.float32)
+    center = table_center(table, similarity)
+    if center is not None:
+        table = table - center
     anchor = table[torch.as_tensor(anchors.anchor)]
-    pos = table[torch.as_tensor(anchors.positives[:, 0])]
-    neg = table[torch.as_tensor(anchors.negatives)]
-    s_pos = (anchor * pos).sum(-1, keepdim=True)
-    s_neg = torch.einsum("ad,and->an", anchor, neg)
-    return float((s_neg < s_pos).all(dim=1).float().mean())
+    cand = table[torch.as_tensor(anchors.candidates)]
+    return torch.einsum("ad,acd->ac", anchor, cand)
+
+
+def first_rank_share(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> float:
+    """Share of anchors whose (first) positive outranks all their negatives, scoring every
+    candidate against the anchor's row of ``table`` (rows = item indices)."""
+    scores = anchor_scores(table, anchors, similarity)
+    k = anchors.positives.shape[1]
+    return float((scores[:, k:] < scores[:, :1]).all(dim=1).float().mean())
+
+
+def table_reward(table: torch.Tensor, anchors: Anchors, similarity: str = "dot") -> float:
+    """Mean noise-free reward over ``anchors`` when every item is embedded by its row of
+    ``table``: the reward of the policy's mean action, on all anchors at once."""
+    k = anchors.positives.shape[1]
+    scores = anchor_scores(table, anchors, similarity)
+    return float(cooccurrence_reward(scores, k, torch.as_tensor(anchors.weights)).mean())
 
 
 def _anchor_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -354,6 +448,70 @@ def _batch_indices(step: int, n: int, size: int, seed: int) -> np.ndarray:
     return order[k * size : (k + 1) * size]
 
 
+@dataclass
+class Rollouts:
+    """One batch of rollouts (everything the clipped update needs).
+
+    Attributes:
+        states: the policy's pass-1 states of the anchors.
+        mu: (A, d) thought vectors of the sampling policy.
+        actions: (A, G, d) sampled thought vectors (column 0 noise-free).
+        rewards: (A, G) float64 rewards.
+        old_log_prob: (A, G) log-probabilities of the actions under the sampling policy.
+    """
+
+    states: object
+    mu: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    old_log_prob: torch.Tensor
+
+
+def rollout_noise(config: CRRLConfig, step: int, positions: np.ndarray, dim: int) -> torch.Tensor:
+    """(A, G, d) standard normal noise, the first rollout of each group zero. The noise of an
+    anchor depends only on (seed, step, its position in the step's batch), so a batch split
+    over several processes draws what a single process would."""
+    noise = torch.empty(len(positions), config.num_generations, dim)
+    for row, pos in enumerate(positions):
+        g = torch.Generator().manual_seed((int(config.seed) * 1_000_003 + step) * 1_009 + int(pos))
+        noise[row] = torch.randn(config.num_generations, dim, generator=g)
+    noise[:, 0] = 0.0
+    return noise
+
+
+@torch.no_grad()
+def sample_rollouts(
+    policy: ThoughtPolicy,
+    batch: Anchors,
+    table: torch.Tensor,
+    config: CRRLConfig,
+    step: int,
+    positions: np.ndarray | None = None,
+) -> Rollouts:
+    """Pass 1, the thought vectors, G noisy actions per anchor, their embeddings and rewards
+    against the candidates' rows of ``table`` (noise-free embeddings). ``positions``: the
+    anchors' positions in the step's global batch (default 0..A-1), which seed their noise."""
+    items = torch.as_tensor(batch.anchor)
+    states = policy.prefix_states(items)
+    mu = policy.thought(states)
+    positions = np.arange(len(batch)) if positions is None else positions
+    noise = rollout_noise(config, step, positions, mu.shape[1]).to(mu)
+    actions = mu.unsqueeze(1) + config.sigma * noise
+    emb = policy.embed(states, actions)  # (A, G, D)
+    table = torch.as_tensor(table)
+    cand = table[torch.as_tensor(batch.candidates)].to(emb)  # (A, C, D)
+    center = table_center(table, config.similarity)
+    if center is not None:
+        emb, cand = emb - center.to(emb), cand - center.to(emb)
+    scores = torch.einsum("agd,acd->agc", emb, cand)
+    k = batch.positives.shape[1]
+    w = torch.as_tensor(batch.weights).unsqueeze(1).expand(-1, config.num_generations, -1)
+    rewards = cooccurrence_reward(scores.reshape(-1, scores.shape[-1]).cpu(), k, w.reshape(-1, k))
+    rewards = rewards.reshape(len(batch), config.num_generations)
+    old_log_prob = gaussian_log_prob(actions, mu.unsqueeze(1), config.sigma)
+    return Rollouts(states, mu, actions, rewards, old_log_prob)
+
+
 def crrl_step(
     policy: ThoughtPolicy,
     batch: Anchors,
@@ -362,38 +520,36 @@ def crrl_step(
     config: CRRLConfig,
     step: int,
     reference: ThoughtPolicy | None = None,
+    positions: np.ndarray | None = None,
+    sync_gradients=None,
 ) -> dict:
-    """One CRRL step: rollouts, rewards, advantages, ``num_iterations`` clipped updates."""
-    items = torch.as_tensor(batch.anchor)
-    states = policy.prefix_states(items)
-    with torch.no_grad():
-        mu_old = policy.thought(states)
-        mu_ref = reference.thought(reference.prefix_states(items)) if reference is not None else None
-        g = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + step)
-        noise = torch.randn(mu_old.shape[0], config.num_generations, mu_old.shape[1], generator=g)
-        noise[:, 0] = 0.0  # the first rollout of each group is noise-free
-        actions = mu_old.unsqueeze(1) + config.sigma * noise.to(mu_old)
-        emb = policy.embed(states, actions)  # (A, G, D)
-        cand = table[torch.as_tensor(batch.candidates)].to(emb)  # (A, C, D)
-        scores = torch.einsum("agd,acd->agc", emb, cand)
-        k = batch.positives.shape[1]
-        w = torch.as_tensor(batch.weights).unsqueeze(1).expand(-1, config.num_generations, -1)
-        rewards = cooccurrence_reward(scores.reshape(-1, scores.shape[-1]), k, w.reshape(-1, k))
-        rewards = rewards.reshape(len(batch), config.num_generations)
-        adv = group_advantages(rewards, config.eps) if config.advantage == "group" else batch_advantages(rewards)
-        old_log_prob = gaussian_log_prob(actions, mu_old.unsqueeze(1), config.sigma)
+    """One CRRL step: rollouts, rewards, advantages, ``num_iterations`` clipped updates.
+
+    ``sync_gradients(params)``, when given, runs between backward and the optimizer step
+    (data parallelism: averages the gradients over processes)."""
+    ro = sample_rollouts(policy, batch, table, config, step, positions)
+    rewards = ro.rewards
+    adv = group_advantages(rewards, config.eps) if config.advantage == "group" else batch_advantages(rewards)
+    mu_ref = None
+    if reference is not None:
+        with torch.no_grad():
+            mu_ref = reference.thought(reference.prefix_states(torch.as_tensor(batch.anchor)))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     info: dict = {}
     for _ in range(config.num_iterations):
-        mu = policy.thought(states)
-        loss, info = grpo_loss(mu, actions, old_log_prob, adv.to(mu), config, mu_ref)
+        mu = policy.thought(ro.states)
+        loss, info = grpo_loss(mu, ro.actions, ro.old_log_prob.to(mu), adv.to(mu), config, mu_ref)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync_gradients is not None:
+            sync_gradients(params)
         optimizer.step()
     return {
         "step": step,
         "reward": float(rewards.mean()),
         "reward_noise_free": float(rewards[:, 0].mean()),
         "first_rank": float((rewards[:, 0] >= 0.5 - 1e-9).double().mean()),
+        "flat_groups": float((rewards.std(dim=1) == 0).double().mean()),
         "loss": float(loss.detach()),
         **info,
     }
@@ -407,10 +563,12 @@ def train_crrl(
     config: CRRLConfig,
     *,
     refresh_table=None,
+    evaluate=None,
     reference: ThoughtPolicy | None = None,
     checkpoint_dir: str | Path | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    accelerator=None,
 ) -> list[dict]:
     """Train the thought module with GRPO; returns the per-step history.
 
@@ -421,14 +579,30 @@ def train_crrl(
         table: (n_items + 1, D) noise-free candidate embeddings (e.g. the LRCL catalogue).
         refresh_table: callable returning a fresh table, called every
             ``config.candidate_refresh_every`` steps (None: the table stays fixed).
+        evaluate: callable ``table -> dict`` run on the initial table and after every refresh;
+            its values enter that step's record with the prefix ``eval_``.
         reference: the frozen LRCL policy, for the KL term.
-        checkpoint_dir: saves every ``config.checkpoint_every`` steps and resumes from there.
+        checkpoint_dir: saves every ``config.checkpoint_every`` steps and resumes from there
+            (the configuration must match, steps and checkpointing aside).
         stop_after: stop after this many steps in this call (simulates an interruption).
+        accelerator: an ``accelerate.Accelerator``; with several processes (``accelerate
+            launch``) each step's anchors are split over the processes, gradients averaged,
+            and only the main process writes checkpoints.
+
+    Each record holds the step's mean reward over all rollouts (``reward``), over the
+    noise-free rollouts (``reward_noise_free``), the share of noise-free rollouts ranking the
+    positive first, the share of groups whose G rewards are all equal (no signal), the loss,
+    ratio and clip statistics, and the step's seconds.
     """
+    import time
+
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    main = accelerator is None or accelerator.is_main_process
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
     history: list[dict] = []
@@ -436,6 +610,9 @@ def train_crrl(
     table = torch.as_tensor(table, dtype=torch.float32).clone()
     if checkpoint_dir is not None and (ck := load_checkpoint(checkpoint_dir)) is not None:
         tensors, state = ck
+        if state.get("config", config.identity()) != config.identity():
+            raise ValueError(f"checkpoint {checkpoint_dir} was written with a different configuration; "
+                             "delete it or use another folder")
         module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
         optimizer_from_flat(optimizer, tensors, state["optimizer"])
         table = tensors["table"]
@@ -444,17 +621,43 @@ def train_crrl(
     def save(step: int) -> None:
         if checkpoint_dir is None:
             return
-        opt_t, opt_meta = optimizer_to_flat(optimizer)
-        tensors = {f"module.{k}": v for k, v in module.state_dict().items()} | opt_t | {"table": table}
-        save_checkpoint(checkpoint_dir, tensors, {"step": step, "history": history, "optimizer": opt_meta})
+        if main:
+            opt_t, opt_meta = optimizer_to_flat(optimizer)
+            tensors = {f"module.{k}": v for k, v in module.state_dict().items()} | opt_t | {"table": table}
+            save_checkpoint(checkpoint_dir, tensors, {"step": step, "history": history, "optimizer": opt_meta,
+                                                      "config": config.identity()})
+        if world > 1:
+            accelerator.wait_for_everyone()
+
+    def sync(params) -> None:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+    def scalar_mean(value: float) -> float:
+        if world == 1:
+            return value
+        return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean"))
 
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    bar = tqdm(range(start, end), desc="CRRL", disable=not progress, initial=start, total=config.steps)
+    bar = tqdm(range(start, end), desc="CRRL", disable=not (progress and main), initial=start, total=config.steps)
     for step in bar:
+        t0 = time.perf_counter()
+        extra: dict = {}
         if refresh_table is not None and config.candidate_refresh_every and step > 0 and step % config.candidate_refresh_every == 0:
             table = torch.as_tensor(refresh_table(), dtype=torch.float32)
-        batch = anchors.subset(_batch_indices(step, len(anchors), config.anchors_per_step, config.seed))
-        record = crrl_step(policy, batch, table, optimizer, config, step, reference)
+            if evaluate is not None:
+                extra = {f"eval_{k}": v for k, v in evaluate(table).items()}
+        elif step == 0 and evaluate is not None:
+            extra = {f"eval_{k}": v for k, v in evaluate(table).items()}
+        idx = _batch_indices(step, len(anchors), config.anchors_per_step, config.seed)
+        positions = np.arange(len(idx))[rank::world]
+        record = crrl_step(policy, anchors.subset(idx[positions]), table, optimizer, config, step, reference,
+                           positions=positions, sync_gradients=sync if world > 1 else None)
+        if world > 1:
+            record = {k: (scalar_mean(v) if isinstance(v, float) else v) for k, v in record.items()}
+        record.update(extra)
+        record["seconds"] = time.perf_counter() - t0
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:

@@ -16,6 +16,7 @@ __all__ = [
     "group_metric_plot",
     "umap_grid_plot",
     "loss_curves_plot",
+    "crrl_reward_plot",
 ]
 
 
@@ -149,6 +150,38 @@ def loss_curves_plot(histories: dict[str, list[dict]], stem: str | Path | None =
         ax_loss.legend(frameon=False)
     if title:
         fig.suptitle(title)
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    window = max(1, min(window, len(values)))
+    kernel = np.ones(window) / window
+    head = np.cumsum(values[: window - 1]) / np.arange(1, window)  # the first points: what exists
+    return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
+
+
+def crrl_reward_plot(history: list[dict], evaluations: list[dict], stem: str | Path | None = None,
+                     window: int = 10) -> plt.Figure:
+    """CRRL training: left, the mean reward of each step's rollouts (faint) and its moving
+    average over ``window`` steps, with the noise-free reward of all training anchors at each
+    candidate refresh; right, the share of anchors whose positive ranks first, on training
+    anchors and on validation anchors (never trained on), at each refresh."""
+    steps = np.array([h["step"] for h in history]) + 1
+    reward = np.array([h["reward"] for h in history])
+    ev_steps = [e["step"] for e in evaluations]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, reward, color="tab:blue", alpha=0.25, lw=0.8, label="rollouts of the step")
+    ax1.plot(steps, _moving_average(reward, window), color="tab:blue", lw=1.6, label=f"moving average ({window} steps)")
+    ax1.plot(ev_steps, [e["train_reward"] for e in evaluations], "o-", color="black", ms=3, lw=1,
+             label="all training anchors, noise-free")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("reward 1 / (1 + log2(rank + 2))")
+    ax1.legend(frameon=False, fontsize=8)
+    ax2.plot(ev_steps, [e["train_first"] for e in evaluations], "o-", ms=3, label="training anchors")
+    if evaluations and "valid_first" in evaluations[0]:
+        ax2.plot(ev_steps, [e["valid_first"] for e in evaluations], "s--", ms=3, label="validation anchors")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("share with the positive ranked first")
+    ax2.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     if stem is not None:
         save_figure(fig, stem)
