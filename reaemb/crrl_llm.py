@@ -261,7 +261,7 @@ class LLMThoughtPolicy:
         return torch.cat(out)
 
     @torch.no_grad()
-    def catalogue_table(self, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    def catalogue_table(self, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """``(n_items + 1, D)`` float32 noise-free embeddings of every item under the current
         module (row 0 = padding, zeros), on CPU."""
         if self.cache is not None:
