@@ -12,6 +12,7 @@ import torch
 from conftest import write_inter_json
 from reaemb.crrl import (
     CRRLConfig,
+    anchor_scores,
     build_anchors,
     cooccurrence_reward,
     first_rank_share,
@@ -19,6 +20,8 @@ from reaemb.crrl import (
     group_advantages,
     grpo_loss,
     rank_reward,
+    rollout_noise,
+    table_reward,
     train_crrl,
     validation_cooccurrence,
 )
@@ -202,3 +205,56 @@ def test_bad_config():
         CRRLConfig(num_generations=1)
     with pytest.raises(ValueError):
         CRRLConfig(advantage="token")
+
+
+def test_dense_cooccurrence_falls_back_to_the_least_co_occurring_items():
+    # 6 items, every pair co-occurs: no item has a never-co-occurring partner
+    n = 6
+    c = np.zeros((n + 1, n + 1), dtype=int)
+    for i in range(1, n + 1):
+        for j in range(1, n + 1):
+            if i != j:
+                c[i, j] = i + j  # item 1's counts: 3, 4, 5, 6, 7 with items 2..6
+    with pytest.raises(ValueError, match="negative_fallback_share"):
+        build_anchors(sp.csr_matrix(c), n_negatives=2, seed=0)
+    a = build_anchors(sp.csr_matrix(c), n_negatives=2, seed=0, negative_fallback_share=0.3)
+    assert a.n_fallback == n and a.n_skipped == 0
+    # pool = max(2, ceil(0.3 * 6)) = 2 least co-occurring: for item 1, items 2 and 3 (counts 3, 4);
+    # its positive is item 6 (count 7)
+    row = list(a.anchor).index(1)
+    assert a.positives[row, 0] == 6 and sorted(a.negatives[row]) == [2, 3]
+    # item 6: positive 5 (count 11); least co-occurring 1 and 2 (counts 7, 8)
+    row = list(a.anchor).index(6)
+    assert a.positives[row, 0] == 5 and sorted(a.negatives[row]) == [1, 2]
+    # a wider pool never includes the anchor or its positive
+    b = build_anchors(sp.csr_matrix(c), n_negatives=3, seed=1, negative_fallback_share=0.9)
+    for anchor, pos, negs in zip(b.anchor, b.positives[:, 0], b.negatives, strict=True):
+        assert anchor not in negs and pos not in negs and len(set(negs)) == 3
+
+
+def test_centered_scores_by_hand():
+    # every row shares a large component along x; the item-specific part lies along y
+    table = torch.tensor([[0.0, 0.0], [10.0, 1.0], [9.0, 1.0], [12.0, -1.0], [11.0, -1.0]])
+    c = np.zeros((5, 5), dtype=int)
+    c[1, 2] = c[2, 1] = 1
+    anchors = build_anchors(sp.csr_matrix(c), n_negatives=2, seed=0)
+    row = list(anchors.anchor).index(1)  # candidates of item 1: positive 2, negatives {3, 4}
+    # dot: 1·2 = 91 loses to 1·3 = 119 and 1·4 = 109
+    assert first_rank_share(table, anchors.subset(np.array([row]))) == 0.0
+    # centred (mean of rows 1..4 = (10.5, 0)): 1 -> (-0.5, 1), 2 -> (-1.5, 1), 3 -> (1.5, -1), 4 -> (0.5, -1)
+    scores = anchor_scores(table, anchors.subset(np.array([row])), "centered")[0]
+    negs = anchors.negatives[row]
+    expected = {2: 0.75 + 1, 3: -0.75 - 1, 4: -0.25 - 1}
+    assert scores[0].item() == pytest.approx(expected[2])
+    assert [s.item() for s in scores[1:]] == pytest.approx([expected[int(j)] for j in negs])
+    assert first_rank_share(table, anchors, "centered") == 1.0
+    assert table_reward(table, anchors, "centered") == pytest.approx(0.5)
+    assert table_reward(table, anchors, "dot") < 0.5
+
+
+def test_rollout_noise_is_split_invariant():
+    cfg = CRRLConfig(num_generations=4)
+    whole = rollout_noise(cfg, step=3, positions=np.arange(6), dim=5)
+    assert torch.all(whole[:, 0] == 0) and torch.all(whole[:, 1:] != 0)
+    torch.testing.assert_close(rollout_noise(cfg, 3, np.array([1, 3, 5]), 5), whole[1::2])
+    assert not torch.equal(rollout_noise(cfg, 4, np.arange(6), 5), whole)  # a new step, new noise
