@@ -21,21 +21,30 @@ __all__ = [
 ]
 
 
-def _unit(table: torch.Tensor | np.ndarray) -> np.ndarray:
+def _unit(table: torch.Tensor | np.ndarray, center: bool = True) -> np.ndarray:
+    """Rows of ``table`` (centred on the mean row first when ``center``) scaled to unit norm.
+
+    Centring is the default of every measure here: mean-pooled LLM embeddings share one
+    dominant direction (random item pairs of SmolLM2 on ml-100k have cosine 0.99), which
+    swamps raw cosines; the sequential recommenders see the tables centred too (the PCA in
+    front of their adapter)."""
     x = np.asarray(torch.as_tensor(table, dtype=torch.float32).cpu().numpy(), dtype=np.float64)
+    if center:
+        x = x - x.mean(0, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def cooccurrence_cosine(table: torch.Tensor | np.ndarray, dataset, n_pairs: int = 5000, seed: int = 0) -> dict:
+def cooccurrence_cosine(table: torch.Tensor | np.ndarray, dataset, n_pairs: int = 5000, seed: int = 0,
+                        center: bool = True) -> dict:
     """Mean cosine of training co-occurring item pairs vs random distinct pairs.
 
     ``table`` has one row per item (row ``k`` = item ``k + 1``, as stored by
     :mod:`reaemb.embeddings`). Co-occurring pairs are drawn uniformly (without replacement
     when there are enough) from the upper triangle of ``dataset.cooccurrence`` (training
     part only); random pairs are uniform distinct item pairs. Returns ``cooc``, ``random``,
-    ``gap`` (= cooc − random) and the pair counts.
+    ``gap`` (= cooc − random) and the pair counts. ``center``: cosines of the centred table.
     """
-    x = _unit(table)
+    x = _unit(table, center)
     if x.shape[0] != dataset.n_items:
         raise ValueError(f"table has {x.shape[0]} rows, the dataset {dataset.n_items} items")
     rng = np.random.default_rng(seed)
@@ -54,10 +63,10 @@ def cooccurrence_cosine(table: torch.Tensor | np.ndarray, dataset, n_pairs: int 
 
 
 def nearest_neighbours(table: torch.Tensor | np.ndarray, dataset, items: list[int], k: int = 5,
-                       attribute: str = "title") -> dict[str, list[str]]:
-    """Titles of the ``k`` nearest items (cosine) of each item in ``items`` (1-based ids),
-    keyed by the query item's title."""
-    x = _unit(table)
+                       attribute: str = "title", center: bool = True) -> dict[str, list[str]]:
+    """Titles of the ``k`` nearest items (cosine, of the centred table when ``center``) of
+    each item in ``items`` (1-based ids), keyed by the query item's title."""
+    x = _unit(table, center)
     out: dict[str, list[str]] = {}
     for item in items:
         sims = x @ x[item - 1]
@@ -98,15 +107,15 @@ def item_categories(dataset, field: str | None = None, level: int = 0, top: int 
     return np.asarray([lab if lab in keep else "other" for lab in labels], dtype=object)
 
 
-def knn_cooccurrence_overlap(table: torch.Tensor | np.ndarray, dataset, k: int = 10) -> float:
+def knn_cooccurrence_overlap(table: torch.Tensor | np.ndarray, dataset, k: int = 10, center: bool = True) -> float:
     """Mean over items with co-occurring items of ``|kNN(i) ∩ topcooc(i)| / min(k, |cooc(i)|)``.
 
     ``kNN(i)``: the ``k`` nearest other items by cosine; ``topcooc(i)``: the ``k`` items
     co-occurring most often with ``i`` in the training part (ties broken by item index).
     1 means the embedding's neighbourhoods are the co-occurrence graph's; a random table
-    scores about ``k / n_items``.
+    scores about ``k / n_items``. ``center``: neighbours in the centred table.
     """
-    x = _unit(table)
+    x = _unit(table, center)
     n = x.shape[0]
     if n != dataset.n_items:
         raise ValueError(f"table has {n} rows, the dataset {dataset.n_items} items")
@@ -131,12 +140,13 @@ def knn_cooccurrence_overlap(table: torch.Tensor | np.ndarray, dataset, k: int =
     return float(np.mean(scores))
 
 
-def category_silhouette(table: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
-    """Silhouette score (cosine distance) of the items grouped by ``labels``, ``"other"``
-    left out: near 1, categories form tight separate clusters; near 0 or below, they mix."""
+def category_silhouette(table: torch.Tensor | np.ndarray, labels: np.ndarray, center: bool = True) -> float:
+    """Silhouette score (cosine distance, of the centred table when ``center``) of the items
+    grouped by ``labels``, ``"other"`` left out: near 1, categories form tight separate
+    clusters; near 0 or below, they mix."""
     from sklearn.metrics import silhouette_score
 
-    x = _unit(table)
+    x = _unit(table, center)
     keep = np.asarray(labels) != "other"
     if len(np.unique(np.asarray(labels)[keep])) < 2:
         raise ValueError("need at least two categories besides 'other'")
@@ -144,13 +154,16 @@ def category_silhouette(table: torch.Tensor | np.ndarray, labels: np.ndarray) ->
 
 
 def embedding_structure(table: torch.Tensor | np.ndarray, dataset, labels: np.ndarray, k: int = 10,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, center: bool = True) -> dict:
     """The three numbers notebook 06 reports for a table: co-occurring vs random cosine, kNN
-    overlap with the co-occurrence graph, category silhouette."""
-    cos = cooccurrence_cosine(table, dataset, seed=seed)
+    overlap with the co-occurrence graph, category silhouette (all on the centred table when
+    ``center``), plus the raw random-pair cosine (the table's anisotropy)."""
+    cos = cooccurrence_cosine(table, dataset, seed=seed, center=center)
+    raw = cooccurrence_cosine(table, dataset, seed=seed, center=False)
     return {"cooc_cosine": cos["cooc"], "random_cosine": cos["random"], "cosine_gap": cos["gap"],
-            f"knn{k}_cooc_overlap": knn_cooccurrence_overlap(table, dataset, k),
-            "category_silhouette": category_silhouette(table, labels)}
+            f"knn{k}_cooc_overlap": knn_cooccurrence_overlap(table, dataset, k, center),
+            "category_silhouette": category_silhouette(table, labels, center),
+            "raw_random_cosine": raw["random"]}
 
 
 def umap_2d(table: torch.Tensor | np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
@@ -177,18 +190,22 @@ def example_items(dataset, n: int = 4, seed: int = 0) -> list[int]:
 
 
 def intrinsic_table(tables: dict[str, torch.Tensor | np.ndarray], dataset, n_pairs: int = 5000,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, center: bool = True) -> pd.DataFrame:
     """One row per variant: mean cosine of training co-occurring pairs, of random pairs, and
-    the gap (:func:`cooccurrence_cosine`, same pairs for every variant)."""
-    rows = [{"variant": name, **cooccurrence_cosine(table, dataset, n_pairs, seed)} for name, table in tables.items()]
-    return pd.DataFrame(rows).set_index("variant")[["cooc", "random", "gap", "n_cooc_pairs", "n_random_pairs"]]
+    the gap (:func:`cooccurrence_cosine`, same pairs for every variant, centred tables when
+    ``center``), plus ``raw_random``: the random pairs' cosine without centring (anisotropy)."""
+    rows = [{"variant": name, **cooccurrence_cosine(table, dataset, n_pairs, seed, center),
+             "raw_random": cooccurrence_cosine(table, dataset, n_pairs, seed, False)["random"]}
+            for name, table in tables.items()]
+    return pd.DataFrame(rows).set_index("variant")[["cooc", "random", "gap", "raw_random", "n_cooc_pairs",
+                                                    "n_random_pairs"]]
 
 
 def neighbours_table(tables: dict[str, torch.Tensor | np.ndarray], dataset, items: list[int], k: int = 5,
-                     attribute: str = "title") -> pd.DataFrame:
+                     attribute: str = "title", center: bool = True) -> pd.DataFrame:
     """The ``k`` nearest neighbours (titles, ``; ``-joined) of each item under each variant:
     one row per (item, variant)."""
-    found = {name: nearest_neighbours(table, dataset, items, k, attribute) for name, table in tables.items()}
+    found = {name: nearest_neighbours(table, dataset, items, k, attribute, center) for name, table in tables.items()}
     rows = []
     for item in items:
         query = dataset.item_attributes[item].get(attribute, str(item))

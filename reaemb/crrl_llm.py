@@ -331,7 +331,9 @@ def build_crrl_variant(
     ``<run>/checkpoints/crrl/``, resumed when present), measures after. Writes the catalogue
     embeddings under the trained module to ``<run>/embeddings/crrl/``, the module to
     ``<run>/models/crrl/`` and everything measured to ``<run>/results/crrl_history.json``.
-    Skipped (the saved summary returned) when the variant exists, unless ``rebuild``.
+    Skipped (the saved summary returned) when the variant exists and was trained with the same
+    configuration from the same LRCL model (the fingerprint of the LRCL table), unless
+    ``rebuild``; otherwise trained again from scratch.
 
     Returns a dict: ``history`` (per step), ``evaluations`` (step, train/valid reward and
     first-rank share at the start, after each refresh and at the end), ``before``,
@@ -340,17 +342,28 @@ def build_crrl_variant(
     from accelerate import Accelerator
 
     from .backbone import catalogue_texts, load_backbone
-    from .embeddings import list_variants, save_item_embeddings
+    from .embeddings import (
+        list_variants,
+        load_item_embeddings,
+        save_item_embeddings,
+        table_fingerprint,
+    )
     from .lrcl import load_encoder, merge_lora
     from .text import TextConfig
 
     config = config or CRRLConfig()
     history_path = run.results / "crrl_history.json"
-    if "crrl" in list_variants(run.embeddings) and history_path.exists() and not rebuild:
-        return json.loads(history_path.read_text()) | {"skipped": True}
     lrcl_dir = run.root / "models" / "lrcl"
     if not (lrcl_dir / "encoder.json").exists():
         raise FileNotFoundError(f"no LRCL model in {lrcl_dir}: run notebook 02 (LRCL) first")
+    # the LRCL model is identified by the table it exported (a retrained LRCL means retraining CRRL)
+    lrcl_fp = table_fingerprint(load_item_embeddings(run.embeddings / "lrcl")[0]) \
+        if "lrcl" in list_variants(run.embeddings) else None
+    if "crrl" in list_variants(run.embeddings) and history_path.exists() and not rebuild:
+        saved = json.loads(history_path.read_text())
+        if saved.get("lrcl_fingerprint") == lrcl_fp and saved.get("config") == json.loads(json.dumps(dataclasses.asdict(config))):
+            return saved | {"skipped": True}
+        rebuild = True  # another LRCL model or another configuration: start over
     t0 = time.perf_counter()
     accelerator = Accelerator(cpu=not torch.cuda.is_available() or backbone_config.device == "cpu")
     backbone = load_backbone(backbone_config)
@@ -407,6 +420,7 @@ def build_crrl_variant(
         "seconds": {"load_and_pass1": t_cache - t0, "train": t_end_train - t_train,
                     "final_table": t_final - t_end_train, "total": t_final - t0},
         "lrcl": str(lrcl_dir),
+        "lrcl_fingerprint": lrcl_fp,
     }
     if accelerator.is_main_process:
         meta = {"backbone": backbone.source, "pooling": backbone.config.pooling, "from": "lrcl",

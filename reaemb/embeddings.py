@@ -79,6 +79,17 @@ def load_item_embeddings(
     return table, manifest
 
 
+def table_fingerprint(table: torch.Tensor | np.ndarray) -> str:
+    """SHA-256 (first 16 hex digits) of a table's float32 values and shape: what a result
+    computed from the table records, so that a rebuilt, different table is noticed."""
+    import hashlib
+
+    t = torch.as_tensor(table).detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def list_variants(embeddings_root: str | Path) -> list[str]:
     """Variants present under ``embeddings_root``, in the paper's order."""
     root = Path(embeddings_root)

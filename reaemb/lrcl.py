@@ -101,6 +101,11 @@ class LRCLConfig:
         loss: ``"soft_clip"`` (METHOD.md §3) or ``"infonce"``.
         tau_init: initial temperature; tau_min: its clamp.
         normalize: L2-normalise the two views' embeddings before the loss.
+        center: subtract the batch mean (over both views) before normalising (default on;
+            False gives METHOD.md §3's loss exactly). Mean-pooled
+            LLM states share one dominant direction (random-pair cosine 0.99 for SmolLM2 on
+            ml-100k), which makes the soft targets of ``soft_clip`` almost uniform; centring
+            removes it so that the loss sees the items' differences.
         pooling: ``"mean"`` or ``"last"``.
         use_cache: LRCL pass 2 reuses the prefix of pass 1 (identical result, ~half the cost).
         share_prefix: run the prompts' common prefix (chat template, system prompt,
@@ -127,6 +132,7 @@ class LRCLConfig:
     tau_init: float = 0.05
     tau_min: float = 1e-3
     normalize: bool = True
+    center: bool = True
     pooling: str = "mean"
     use_cache: bool = True
     share_prefix: bool = True
@@ -183,7 +189,11 @@ def infonce_loss(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor | float, ta
 
 
 def contrastive_loss(x: torch.Tensor, y: torch.Tensor, tau: torch.Tensor, config: LRCLConfig) -> torch.Tensor:
-    """The loss of ``config`` (normalising first when ``config.normalize``)."""
+    """The loss of ``config`` (centring on the batch mean of both views first when
+    ``config.center``, then normalising when ``config.normalize``)."""
+    if config.center:
+        mean = torch.cat([x, y]).mean(0, keepdim=True)
+        x, y = x - mean, y - mean
     if config.normalize:
         x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     fn = soft_clip_loss if config.loss == "soft_clip" else infonce_loss

@@ -24,6 +24,7 @@ __all__ = [
     "read_metrics",
     "append_metrics",
     "completed",
+    "drop_metrics",
     "summary",
     "pivot_summary",
     "to_markdown",
@@ -82,6 +83,17 @@ def completed(target, dataset: str, backbone: str, variant: str, seed: int,
     hit = df[(df["dataset"] == dataset) & (df["backbone"] == backbone) & (df["variant"] == variant)
              & (df["seed"] == int(seed))]
     return set(protocols) <= set(hit["protocol"])
+
+
+def drop_metrics(target, dataset: str, variant: str) -> int:
+    """Remove every row of ``dataset`` / ``variant`` (all backbones and seeds); returns how
+    many rows were removed."""
+    path = _csv_path(target)
+    df = read_metrics(path)
+    hit = (df["dataset"] == dataset) & (df["variant"] == variant)
+    if hit.any():
+        atomic_write_text(path, df[~hit].to_csv(index=False))
+    return int(hit.sum())
 
 
 def summary(df: pd.DataFrame, metrics: list[str] | None = None, digits: int = 4) -> pd.DataFrame:

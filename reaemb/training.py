@@ -9,6 +9,7 @@ negatives, masks and dropout all follow from it. A run resumed from the checkpoi
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -255,6 +256,50 @@ def _checkpoint_dir(run, dataset, backbone: str, variant: str, seed: int) -> Pat
     return run.checkpoints / "srs" / key / f"{backbone}-{variant}-seed{seed}"
 
 
+def _inputs_path(run) -> Path:
+    return run.results / "srs_inputs.json"
+
+
+def _record_input(run, dataset, label: str, fingerprint: str | None) -> None:
+    from .io import atomic_write_json
+
+    path = _inputs_path(run)
+    inputs = json.loads(path.read_text()) if path.exists() else {}
+    inputs[f"{dataset.name}/{label}"] = fingerprint
+    atomic_write_json(path, dict(sorted(inputs.items())))
+
+
+def invalidate_stale(run, dataset, label: str, table: torch.Tensor | None) -> bool:
+    """Forget the results of ``label`` (``<variant>`` or ``<variant>+align``) when they were
+    computed from another embedding table than the current one: its rows leave
+    ``metrics.csv`` and its SRS checkpoints (which a new fit would otherwise resume from)
+    are deleted. The table's :func:`~reaemb.embeddings.table_fingerprint` is recorded in
+    ``results/srs_inputs.json`` when a model's rows are written. Returns True when
+    something was invalidated. ID models (no table) are never stale."""
+    import shutil
+
+    from .embeddings import table_fingerprint
+    from .results import drop_metrics, read_metrics
+
+    if table is None:
+        return False
+    path = _inputs_path(run)
+    recorded = (json.loads(path.read_text()) if path.exists() else {}).get(f"{dataset.name}/{label}")
+    if recorded == table_fingerprint(table):
+        return False
+    df = read_metrics(run)
+    has_rows = bool(((df["dataset"] == dataset.name) & (df["variant"] == label)).any())
+    root = _checkpoint_dir(run, dataset, "x", label, 0).parent
+    stale_ckpts = sorted(root.glob(f"*-{label}-seed*")) if root.exists() else []
+    stale_ckpts = [p for p in stale_ckpts if p.name.split("-seed")[0].split("-", 1)[1] == label]
+    if not has_rows and not stale_ckpts:
+        return False
+    drop_metrics(run, dataset.name, label)
+    for folder in stale_ckpts:
+        shutil.rmtree(folder)
+    return True
+
+
 def _load_table(run, dataset, variant: str) -> torch.Tensor | None:
     from .embeddings import load_item_embeddings
 
@@ -302,7 +347,8 @@ def train_and_evaluate(
     for split in ("valid", "test"):
         if split not in eval_sets:
             eval_sets[split] = build_eval_set(dataset, split, config.max_length, seed)
-    model = build_model(dataset.n_items, config, _load_table(run, dataset, variant))
+    model_table = _load_table(run, dataset, variant)
+    model = build_model(dataset.n_items, config, model_table)
     result = fit(model, dataset, valid_set=eval_sets["valid"], device=device, align_target=align_target,
                  checkpoint_dir=_checkpoint_dir(run, dataset, backbone, label, seed), progress=progress)
     ranks = compute_ranks(model, eval_sets["test"], protocols=PROTOCOLS, mask_history=mask_history,
@@ -310,6 +356,10 @@ def train_and_evaluate(
     table = metrics_table(ranks, eval_sets["test"].groups)
     rows = table.assign(dataset=dataset.name, backbone=backbone, variant=label, seed=seed)
     append_metrics(run, rows)
+    if variant != "id":
+        from .embeddings import table_fingerprint
+
+        _record_input(run, dataset, label, table_fingerprint(model_table))
     with atomic_dir(run.results / "ranks" / f"{dataset.name}_{backbone}_{label}_seed{seed}") as tmp:
         np.savez_compressed(tmp / "ranks.npz", **ranks)
     return SRSRun(dataset.name, backbone, label, seed, config, result, rows, time.perf_counter() - tick)
@@ -342,6 +392,10 @@ def run_grid(
     jobs = [(b, v, s) for s in seeds for v in variants for b in backbones]
     eval_cache: dict[int, dict[str, EvalSet]] = {}
     teachers: dict[int, torch.Tensor] = {}
+    for variant in variants:
+        label = f"{variant}+align" if config.align_alpha > 0 and variant != "id" else variant
+        if invalidate_stale(run, dataset, label, _load_table(run, dataset, variant)):
+            print(f"{label}: its embedding table changed since its models were evaluated: retraining them")
     for backbone, variant, seed in tqdm(jobs, desc="models", disable=not progress):
         label = f"{variant}+align" if config.align_alpha > 0 and variant != "id" else variant
         if completed(run, dataset.name, backbone, label, seed):

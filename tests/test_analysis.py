@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from reaemb.analysis import category_silhouette, item_categories, knn_cooccurrence_overlap
+from reaemb.analysis import (
+    category_silhouette,
+    cooccurrence_cosine,
+    item_categories,
+    knn_cooccurrence_overlap,
+)
 
 
 def _dataset(n_items: int, pairs: dict[tuple[int, int], int], attributes=None):
@@ -25,10 +30,27 @@ def test_knn_overlap_by_hand():
     # top co-occurring (k=1): 1->3 (2 users beat 1), 2->1, 3->1; item 4 co-occurs with nothing
     ds = _dataset(4, {(1, 3): 2, (1, 2): 1})
     # item 1: {2} vs {3} -> 0; item 2: {1} vs {1} -> 1; item 3: {4} vs {1} -> 0; item 4 skipped
-    assert knn_cooccurrence_overlap(table, ds, k=1) == pytest.approx(1 / 3)
+    assert knn_cooccurrence_overlap(table, ds, k=1, center=False) == pytest.approx(1 / 3)
     # k=2: item 1: kNN {2 (0.99), 4 (0.11)}, cooc {3, 2} -> 1/2
     # item 2: kNN {1,4}; cooc {1} -> 1/min(2,1) = 1; item 3: kNN {4,2}; cooc {1} -> 0
-    assert knn_cooccurrence_overlap(table, ds, k=2) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert knn_cooccurrence_overlap(table, ds, k=2, center=False) == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_centring_removes_a_shared_offset():
+    # rows e1, -e1, e2, -e2 plus a shared offset (10, 10): the mean row is the offset, so the
+    # centred cosine of the co-occurring pair (1, 2) is -1; raw, it is cos((11,10), (9,10)).
+    base = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    table = base + 10.0
+    ds = _dataset(4, {(1, 2): 3})
+    centred = cooccurrence_cosine(table, ds, n_pairs=1, seed=0)
+    assert centred["cooc"] == pytest.approx(-1.0)
+    raw = cooccurrence_cosine(table, ds, n_pairs=1, seed=0, center=False)
+    assert raw["cooc"] == pytest.approx((11 * 9 + 10 * 10) / (np.hypot(11, 10) * np.hypot(9, 10)))
+    assert raw["cooc"] > 0.99
+    # neighbourhoods: centred, item 1's nearest other item is 3 or 4 (cosine 0), never its
+    # opposite 2; the overlap with the co-occurrence graph {1: 2, 2: 1} is therefore 0
+    assert knn_cooccurrence_overlap(table, ds, k=1) == pytest.approx(0.0)
+    assert knn_cooccurrence_overlap(base, ds, k=1, center=False) == pytest.approx(0.0)
 
 
 def test_knn_overlap_errors():
@@ -46,7 +68,7 @@ def test_category_silhouette_by_hand():
     table = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [5.0, 5.0]])
     labels = np.array(["A", "A", "B", "other"], dtype=object)
     # s(a) = (1 - 0.4) / 1 = 0.6; s(b) = (0.2 - 0.4) / 0.4 = -0.5; s(c) = 0 (alone in B)
-    assert category_silhouette(table, labels) == pytest.approx((0.6 - 0.5 + 0.0) / 3)
+    assert category_silhouette(table, labels, center=False) == pytest.approx((0.6 - 0.5 + 0.0) / 3)
     with pytest.raises(ValueError, match="two categories"):
         category_silhouette(table, np.array(["A", "A", "other", "other"], dtype=object))
 

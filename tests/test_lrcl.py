@@ -22,6 +22,7 @@ from reaemb.lrcl import (
     build_encoder,
     build_llm_variant,
     build_optimizer,
+    contrastive_loss,
     infonce_loss,
     soft_clip_loss,
     train_contrastive,
@@ -81,6 +82,28 @@ def test_infonce_by_hand():
     cols = -np.log(np.diag(_softmax(logits.T))).mean()
     got = infonce_loss(torch.tensor(X3), torch.tensor(Y3), 0.5)
     assert float(got) == pytest.approx(0.5 * (rows + cols), rel=1e-10)
+
+
+def test_centring_removes_a_shared_direction():
+    # Centring subtracts the mean of all 2B rows, (0.3, 0.1) for X3/Y3; the loss then equals
+    # soft_clip on the normalised centred rows (computed in float32 by contrastive_loss), and
+    # adding one vector to every row leaves it unchanged.
+    x, y = torch.tensor(X3), torch.tensor(Y3)
+    mean = (X3.sum(0) + Y3.sum(0)) / 6
+    assert mean == pytest.approx(np.array([1.8 / 6, 0.6 / 6]))
+    xc, yc = X3 - mean, Y3 - mean
+    xc, yc = xc / np.linalg.norm(xc, axis=1, keepdims=True), yc / np.linalg.norm(yc, axis=1, keepdims=True)
+    config = LRCLConfig(center=True, tau_init=0.5)
+    got = contrastive_loss(x, y, torch.tensor(0.5, dtype=torch.float64), config)
+    assert float(got) == pytest.approx(_soft_clip_numpy(xc, yc, 0.5), rel=1e-6)
+    shift = torch.tensor([40.0, -25.0], dtype=torch.float64)
+    shifted = contrastive_loss(x + shift, y + shift, torch.tensor(0.5, dtype=torch.float64), config)
+    assert float(shifted) == pytest.approx(float(got), rel=1e-5)
+    # without centring the shared direction dominates: almost identical rows, loss near log(3)
+    plain = LRCLConfig(center=False, tau_init=0.5)
+    dominated = contrastive_loss(x + shift, y + shift, torch.tensor(0.5, dtype=torch.float64), plain)
+    assert float(dominated) == pytest.approx(math.log(3), abs=1e-3)
+    assert abs(float(dominated) - float(got)) > 0.1
 
 
 def test_tau_is_clamped_in_the_loss():

@@ -199,3 +199,29 @@ def test_run_grid_writes_metrics_and_skips_finished(cyclic, isolated_runs):
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         run_grid(run, cyclic, backbones=["sasrec"], variants=["scft"], seeds=[0], config=config,
                  progress=False, device="cpu")
+
+
+def test_run_grid_retrains_a_variant_whose_table_changed(cyclic, isolated_runs):
+    run = run_dir("stale")
+    config = tiny("sasrec", max_epochs=2, patience=2)
+    first = torch.randn(cyclic.n_items, 16, generator=torch.Generator().manual_seed(3))
+    save_item_embeddings(run.embeddings, "lrcl", first, cyclic)
+    kw = dict(backbones=["sasrec"], seeds=[0], config=config, progress=False, device="cpu")
+    run_grid(run, cyclic, variants=["id", "lrcl"], **kw)
+    before = read_metrics(run)
+    # same table: everything skipped, nothing removed
+    assert run_grid(run, cyclic, variants=["id", "lrcl"], **kw)["skipped"].all()
+    # a rebuilt, different table: the lrcl model is retrained from scratch (its old checkpoint
+    # would otherwise be resumed), the id model is left alone
+    save_item_embeddings(run.embeddings, "lrcl", torch.randn(cyclic.n_items, 16), cyclic)
+    log = run_grid(run, cyclic, variants=["id", "lrcl"], **kw).set_index("variant")
+    assert bool(log.loc["id", "skipped"]) and not bool(log.loc["lrcl", "skipped"])
+    after = read_metrics(run)
+    assert len(after) == len(before)
+    key = ["protocol", "group", "metric"]
+    old = before[before["variant"] == "lrcl"].set_index(key)["value"]
+    new = after[after["variant"] == "lrcl"].set_index(key)["value"]
+    assert not np.allclose(old.sort_index().to_numpy(), new.sort_index().to_numpy(), equal_nan=True)
+    same_id = before[before["variant"] == "id"].set_index(key)["value"].sort_index()
+    assert np.allclose(same_id.to_numpy(), after[after["variant"] == "id"].set_index(key)["value"].sort_index(),
+                       equal_nan=True)
