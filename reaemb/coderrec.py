@@ -63,8 +63,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import PROTOCOLS, EvalSet, build_eval_set, compute_ranks, metrics_table, rank_metrics
-from .rqvae import RQVAE, RQVAEConfig, code_usage, collision_stats, fit_rqvae, resolve_collisions, semantic_ids
+from .evaluation import (
+    PROTOCOLS,
+    EvalSet,
+    build_eval_set,
+    compute_ranks,
+    metrics_table,
+    rank_metrics,
+)
+from .rqvae import (
+    RQVAE,
+    RQVAEConfig,
+    code_usage,
+    collision_stats,
+    fit_rqvae,
+    resolve_collisions,
+    semantic_ids,
+)
 from .srs import SASRec, SRSConfig, left_pad
 
 __all__ = [
@@ -77,6 +92,11 @@ __all__ = [
     "SemanticItemEncoder",
     "SmallRecommender",
     "build_small_model",
+    "attach_llm",
+    "log_frame",
+    "checkpoint_histories",
+    "rqvae_plot",
+    "training_plot",
     "CrossScaleLLM",
     "CrossScaleResult",
     "cross_scale_windows",
@@ -557,7 +577,7 @@ def _key(dataset) -> str:
     return dataset.path.name if dataset.path is not None else dataset.name
 
 
-def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: RQVAEConfig = RQVAEConfig(), *,
+def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: RQVAEConfig | None = None, *,
                       batch_size: int = 32, progress: bool = True) -> CoderRecArtifacts:
     """Item embeddings (reused when ``<run>/coderrec/<key>/embeddings/coderrec-last`` exists;
     ``load_llm`` is only called otherwise), the RQ-VAE (resumed from / reloaded from
@@ -565,6 +585,7 @@ def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: R
     from .embeddings import load_item_embeddings, save_item_embeddings
     from .io import atomic_write_json
 
+    rq_config = rq_config or RQVAEConfig()
     folder = run.root / "coderrec" / _key(dataset)
     emb_folder = folder / "embeddings" / EMBEDDING_VARIANT
     if (emb_folder / "manifest.json").exists():
@@ -613,8 +634,9 @@ def train_and_evaluate_coderrec(
     from .results import append_metrics, completed
     from .training import default_device, fit
 
+    ck_root = run.checkpoints / "coderrec" / _key(dataset)
     if completed(run, dataset.name, BACKBONE, VARIANT, seed):
-        return {"seed": seed, "skipped": True}
+        return {"seed": seed, "skipped": True, **checkpoint_histories(ck_root, seed)}
     tick = time.perf_counter()
     config = replace(config, seed=seed)
     device = torch.device(device) if device is not None else default_device()
@@ -622,7 +644,6 @@ def train_and_evaluate_coderrec(
     for split in ("valid", "test"):
         if split not in eval_sets:
             eval_sets[split] = build_eval_set(dataset, split, config.max_length, seed)
-    ck_root = run.checkpoints / "coderrec" / _key(dataset)
     levels = artifacts.rq_config.levels
     small = build_small_model(dataset.n_items, config, artifacts.sem_ids, artifacts.rq_config.codebook_size, levels)
     pre = fit(small, dataset, valid_set=eval_sets["valid"], checkpoint_dir=ck_root / f"small-seed{seed}",
@@ -652,6 +673,81 @@ def train_and_evaluate_coderrec(
             "test_ndcg10_sampled": round(float(m[("sampled100", "all", "NDCG@10")]), 4),
             "test_ndcg10_full": round(float(m[("full", "all", "NDCG@10")]), 4),
             "pretrain_history": pre.history, "cross_history": cross.history, "cross_valid": cross.valid}
+
+
+def checkpoint_histories(ck_root: str | Path, seed: int) -> dict:
+    """The loss histories of a finished seed, read back from its checkpoints (for the plots
+    of a rerun that skipped it): ``pretrain_history``, ``cross_history``, ``cross_valid``."""
+    import json
+
+    out = {"pretrain_history": [], "cross_history": [], "cross_valid": []}
+    small = Path(ck_root) / f"small-seed{seed}" / "state.json"
+    cross = Path(ck_root) / f"cross-seed{seed}" / "state.json"
+    if small.exists():
+        out["pretrain_history"] = json.loads(small.read_text())["history"]
+    if cross.exists():
+        state = json.loads(cross.read_text())
+        out["cross_history"], out["cross_valid"] = state["history"], state["valid"]
+    return out
+
+
+def rqvae_plot(history: list[dict], usage: list[dict], stem: str | Path | None = None):
+    """RQ-VAE training (reconstruction and quantization loss per epoch, left) and code usage
+    per level (perplexity and codes used, right)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["recon"] for h in history], label="reconstruction (MSE)")
+    ax.plot(epochs, [h["quant"] for h in history], label="codebook + commitment")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(frameon=False)
+    levels = [u["level"] for u in usage]
+    bx.bar([lv - 0.2 for lv in levels], [u["perplexity"] for u in usage], width=0.4, label="perplexity")
+    bx.bar([lv + 0.2 for lv in levels], [u["used"] for u in usage], width=0.4, label="codes used")
+    if usage:
+        bx.axhline(usage[0]["codebook_size"], color="grey", lw=0.8, ls="--", label="codebook size")
+    bx.set_xticks(levels, [f"level {lv}" for lv in levels])
+    bx.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    if stem is not None:
+        save_figure(fig, stem)
+    return fig
+
+
+def training_plot(logs: list[dict], stem: str | Path | None = None):
+    """Per seed: small-model pre-training loss and validation NDCG@10 per epoch (left), and the
+    cross-scale loss terms per step (right: small-model CE, LLM-side CE, MSE)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
+    for log in logs:
+        seed = log["seed"]
+        pre, cross = log.get("pretrain_history") or [], log.get("cross_history") or []
+        if pre:
+            line, = axes[0].plot([h["epoch"] for h in pre], [h["loss"] for h in pre], label=f"seed {seed}")
+            axes[1].plot([h["epoch"] for h in pre], [h["valid"] for h in pre], color=line.get_color(),
+                         label=f"seed {seed} pre-training")
+        if cross:
+            steps = [h["step"] for h in cross]
+            for key, ls in (("small_loss", "-"), ("llm_ce", "--"), ("mse", ":")):
+                axes[2].plot(steps, [h[key] for h in cross], ls=ls, label=f"seed {seed} {key}")
+    axes[0].set(xlabel="epoch", ylabel="small-model CE (train)", title="pre-training")
+    axes[1].set(xlabel="epoch", ylabel="valid NDCG@10 (full)", title="validation")
+    axes[2].set(xlabel="step", ylabel="loss (batch)", title="cross-scale training", yscale="log")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    if stem is not None:
+        save_figure(fig, stem)
+    return fig
 
 
 def log_frame(logs: list[dict]) -> pd.DataFrame:

@@ -125,8 +125,9 @@ def rotate_to(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 class RQVAE(nn.Module):
     """Encoder -> residual cosine quantization -> decoder (see the module docstring)."""
 
-    def __init__(self, input_dim: int, config: RQVAEConfig = RQVAEConfig()):
+    def __init__(self, input_dim: int, config: RQVAEConfig | None = None):
         super().__init__()
+        config = config or RQVAEConfig()
         self.config = config
         self.input_dim = input_dim
         torch.manual_seed(config.seed)
@@ -224,7 +225,7 @@ class RQVAEResult:
 
 def fit_rqvae(
     table: torch.Tensor,
-    config: RQVAEConfig = RQVAEConfig(),
+    config: RQVAEConfig | None = None,
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
@@ -238,6 +239,7 @@ def fit_rqvae(
 
     from .checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 
+    config = config or RQVAEConfig()
     table = torch.as_tensor(table, dtype=torch.float32).cpu()
     if table.ndim != 2 or table.shape[0] < 2:
         raise ValueError(f"expected an (n_items, dim) table with at least 2 rows, got {tuple(table.shape)}")

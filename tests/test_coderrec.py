@@ -30,7 +30,6 @@ from reaemb.coderrec import (
 from reaemb.data import DataConfig, prepare
 from reaemb.evaluation import build_eval_set, compute_ranks
 from reaemb.results import read_metrics
-from reaemb.runs import run_dir
 from reaemb.rqvae import (
     RQVAE,
     RQVAEConfig,
@@ -41,6 +40,7 @@ from reaemb.rqvae import (
     rotate_to,
     semantic_ids,
 )
+from reaemb.runs import run_dir
 
 N_ITEMS = 30
 
