@@ -41,8 +41,11 @@ Choices where the paper is silent (all in :class:`CoderRecConfig`)
       small-model CE covers every position of that window, the LLM reads the window's last
       ``cross_max_history`` items and predicts the cut item.
     - The projection is initialised so that projected items have the RMS of the LLM's token
-      embeddings; the LLM body runs after its final norm, whose output is fed back as the
+      embeddings; the LLM's last hidden state (after its final norm) is fed back as the
       continuous thought (as in Coconut).
+    - LLM-side scores are dot products scaled by ``1/sqrt(hidden)`` (unscaled, the final-norm
+      states of SmolLM2 give a CE far above uniform); the head to the embedding space starts
+      at zero (MSE 1 on the unit-RMS standardised table).
     - Cross-scale training validates NDCG@10 (full ranking) every ``eval_every`` steps and
       keeps the best small-model state, the pre-trained one (step 0) included, as the SRS fit
       does per epoch; the record says whether cross-scale training improved validation.
@@ -346,7 +349,10 @@ class CrossScaleLLM(nn.Module):
         self.register_buffer("items", items)
         self.proj = nn.Linear(items.shape[1], hidden)
         self.head = nn.Linear(hidden, items.shape[1])
+        self.logit_scale = hidden ** -0.5
         with torch.no_grad():  # projected items get the RMS of the token embeddings
+            self.head.weight.zero_()  # predicts the mean embedding at first: MSE starts at 1
+            self.head.bias.zero_()
             token_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
             out_rms = self.proj(items).pow(2).mean().sqrt().clamp(min=1e-8)
             self.proj.weight.mul_(token_rms / out_rms)
@@ -377,8 +383,9 @@ class CrossScaleLLM(nn.Module):
         return h[:, 0]
 
     def losses(self, h: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """LLM-side CE over the full catalogue and MSE to the next item's embedding."""
-        logits = h @ self.proj(self.items).T
+        """LLM-side CE over the full catalogue (scaled dot products with the projected item
+        table) and MSE to the next item's standardised embedding."""
+        logits = (h @ self.proj(self.items).T) * self.logit_scale
         ce = F.cross_entropy(logits, targets - 1)
         mse = F.mse_loss(self.head(h), self.items[targets - 1])
         return {"llm_ce": ce, "mse": mse}

@@ -20,7 +20,9 @@ Gradients: the rotation trick
 Initialisation
     Codebooks start from k-means of the residuals of a first encoder pass (level by level,
     scikit-learn, seeded); with fewer items than codes the centres are the items' residuals
-    drawn with replacement plus small noise. Everything is seeded by ``config.seed``, so the
+    drawn with replacement plus small noise. During the first 80 % of the epochs, codes that
+    no item selects are moved onto the residuals of random items after every epoch (dead-code
+    restart), so that the codebooks stay in use. Everything is seeded by ``config.seed``, so the
     codes are a function of (table, config).
 
 Semantic IDs
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +72,10 @@ class RQVAEConfig:
             straight-through).
         learning_rate, weight_decay: AdamW.
         epochs: passes over the table.
+        restart_dead: after each of the first ``restart_fraction`` of the epochs, codes no
+            item uses are moved onto the residuals of random items (level by level), which
+            keeps the codebooks in use; the last epochs run without restarts so the codes
+            settle.
         batch_size: items per step.
         seed: init, k-means, batch order.
     """
@@ -83,6 +90,8 @@ class RQVAEConfig:
     weight_decay: float = 1e-4
     epochs: int = 300
     batch_size: int = 256
+    restart_dead: bool = True
+    restart_fraction: float = 0.8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +101,8 @@ class RQVAEConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.restart_fraction <= 1.0:
+            raise ValueError(f"restart_fraction must be in [0, 1], got {self.restart_fraction}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -204,7 +215,9 @@ class RQVAE(nn.Module):
         for level in range(self.config.levels):
             r = residual.cpu().numpy().astype(np.float64)
             if len(r) >= k:
-                km = KMeans(n_clusters=k, n_init=1, random_state=seed + level, max_iter=50).fit(r)
+                with warnings.catch_warnings():  # duplicate residuals: fewer distinct clusters
+                    warnings.simplefilter("ignore")
+                    km = KMeans(n_clusters=k, n_init=1, random_state=seed + level, max_iter=50).fit(r)
                 centres = km.cluster_centers_
             else:
                 centres = r[rng.integers(0, len(r), size=k)] + 1e-3 * rng.standard_normal((k, r.shape[1]))
@@ -212,6 +225,29 @@ class RQVAE(nn.Module):
             self.codebooks[level] = book
             sim = F.normalize(residual, dim=-1) @ F.normalize(book, dim=-1).T
             residual = residual - book[sim.argmax(-1)]
+
+    @torch.no_grad()
+    def restart_dead_codes(self, table: torch.Tensor, generator: torch.Generator) -> list[int]:
+        """Move every code that no row of ``table`` selects onto the residual of a random row
+        (plus noise of 1 % of the residuals' RMS), level by level; returns the number of
+        codes moved per level."""
+        residual = self.encoder(self.standardise(table))
+        moved = []
+        for level in range(self.config.levels):
+            book = self.codebooks[level]
+            idx = (F.normalize(residual, dim=-1) @ F.normalize(book, dim=-1).T).argmax(-1)
+            dead = torch.ones(self.config.codebook_size, dtype=torch.bool)
+            dead[idx.cpu()] = False
+            n_dead = int(dead.sum())
+            if n_dead:
+                rows = torch.randint(0, len(residual), (n_dead,), generator=generator)
+                rms = residual.pow(2).mean().sqrt()
+                noise = torch.randn(n_dead, residual.shape[1], generator=generator) * 0.01 * rms
+                book[dead.to(book.device)] = residual[rows.to(residual.device)] + noise.to(book.device)
+                idx = (F.normalize(residual, dim=-1) @ F.normalize(book, dim=-1).T).argmax(-1)
+            moved.append(n_dead)
+            residual = residual - book[idx]
+        return moved
 
 
 @dataclass
@@ -288,7 +324,11 @@ def fit_rqvae(
             optimizer.step()
             for key in sums:
                 sums[key] += float(out[key].detach()) * len(rows) / n
-        history.append({"epoch": epoch, **{k: round(v, 6) for k, v in sums.items()},
+        restarted = 0
+        if config.restart_dead and epoch + 1 <= int(config.restart_fraction * config.epochs):
+            model.eval()
+            restarted = sum(model.restart_dead_codes(table, gen))
+        history.append({"epoch": epoch, **{k: round(v, 6) for k, v in sums.items()}, "restarted": restarted,
                         "seconds": round(time.perf_counter() - tick, 4)})
         bar.set_postfix(recon=f"{sums['recon']:.4f}", quant=f"{sums['quant']:.4f}")
         if (epoch + 1) % 10 == 0 or epoch + 1 == end:

@@ -130,6 +130,20 @@ def test_rqvae_resume_equals_uninterrupted(tmp_path):
         fit_rqvae(table, replace(config, beta=0.5), progress=False, checkpoint_dir=tmp_path / "rq")
 
 
+def test_dead_codes_are_restarted_onto_residuals():
+    table = toy_table()
+    model = RQVAE(24, TOY_RQ)
+    model.set_standardisation(table)
+    with torch.no_grad():
+        model.codebooks[0] = model.codebooks[0][:1].expand(8, -1)  # 8 copies: argmax takes code 0
+    assert set(semantic_ids(model, table)[:, 0].tolist()) == {0}
+    moved = model.restart_dead_codes(table, torch.Generator().manual_seed(0))
+    assert moved[0] == 7
+    assert len(set(semantic_ids(model, table)[:, 0].tolist())) > 1
+    r = fit_rqvae(table, replace(TOY_RQ, epochs=10), progress=False)
+    assert all(h["restarted"] == 0 for h in r.history[8:])  # no restarts in the last 20 % of epochs
+
+
 def test_soft_latent_of_one_hot_codes_is_the_quantized_latent():
     model = RQVAE(24, TOY_RQ)
     model.set_standardisation(toy_table())
