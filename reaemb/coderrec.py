@@ -727,13 +727,14 @@ def rqvae_plot(history: list[dict], usage: list[dict], stem: str | Path | None =
 
 
 def training_plot(logs: list[dict], stem: str | Path | None = None):
-    """Per seed: small-model pre-training loss and validation NDCG@10 per epoch (left), and the
-    cross-scale loss terms per step (right: small-model CE, LLM-side CE, MSE)."""
+    """Per seed: small-model pre-training loss and validation NDCG@10 per epoch, the
+    cross-scale loss terms per step (small-model CE, LLM-side CE, MSE) and the cross-scale
+    validation NDCG@10."""
     import matplotlib.pyplot as plt
 
     from .plots import save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for log in logs:
         seed = log["seed"]
         pre, cross = log.get("pretrain_history") or [], log.get("cross_history") or []
@@ -745,9 +746,13 @@ def training_plot(logs: list[dict], stem: str | Path | None = None):
             steps = [h["step"] for h in cross]
             for key, ls in (("small_loss", "-"), ("llm_ce", "--"), ("mse", ":")):
                 axes[2].plot(steps, [h[key] for h in cross], ls=ls, label=f"seed {seed} {key}")
+        if log.get("cross_valid"):
+            axes[3].plot([v["step"] for v in log["cross_valid"]], [v["ndcg10"] for v in log["cross_valid"]],
+                         marker="o", ms=3, label=f"seed {seed}")
     axes[0].set(xlabel="epoch", ylabel="small-model CE (train)", title="pre-training")
     axes[1].set(xlabel="epoch", ylabel="valid NDCG@10 (full)", title="validation")
     axes[2].set(xlabel="step", ylabel="loss (batch)", title="cross-scale training", yscale="log")
+    axes[3].set(xlabel="step (0 = pre-trained)", ylabel="valid NDCG@10 (full)", title="cross-scale validation")
     for ax in axes:
         if ax.lines:
             ax.legend(frameon=False, fontsize=7)
