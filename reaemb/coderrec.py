@@ -8,8 +8,9 @@ Pipeline (computed once per run: 1-2; per seed: 3-5)
    over ``"Title: …; Genres: …; Year: …;"``, i.e. every attribute of the dataset as
    ``"Key: value;"`` in the dataset's order (:func:`item_prompt_text`). Saved with
    :func:`reaemb.embeddings.save_item_embeddings` as variant ``coderrec-last`` under
-   ``<run>/coderrec/<dataset key>/embeddings/`` (outside ``embeddings/``, so notebook 04 does
-   not train its SRS grid on it).
+   ``<run>/checkpoints/coderrec/<dataset key>/embeddings/`` (git-ignored, beside the RQ-VAE
+   and the per-seed checkpoints; outside ``embeddings/``, so notebook 04 does not train its
+   SRS grid on it).
 2. **Semantic IDs**: :mod:`reaemb.rqvae` (64-d latent, 3 levels x 256 codes, cosine
    distance, rotation trick); collisions resolved by a 4th, disambiguating level.
 3. **Small model** (:class:`SmallRecommender`): SASRec (:class:`reaemb.srs.SASRec` blocks,
@@ -586,14 +587,15 @@ def _key(dataset) -> str:
 
 def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: RQVAEConfig | None = None, *,
                       batch_size: int = 32, progress: bool = True) -> CoderRecArtifacts:
-    """Item embeddings (reused when ``<run>/coderrec/<key>/embeddings/coderrec-last`` exists;
-    ``load_llm`` is only called otherwise), the RQ-VAE (resumed from / reloaded from
-    ``checkpoints/coderrec/<key>/rqvae``) and the semantic IDs (``semantic_ids.json``)."""
+    """Item embeddings (reused when ``checkpoints/coderrec/<key>/embeddings/coderrec-last``
+    exists; ``load_llm`` is only called otherwise), the RQ-VAE (resumed from / reloaded from
+    ``checkpoints/coderrec/<key>/rqvae``) and the semantic IDs (``semantic_ids.json`` in the
+    same folder)."""
     from .embeddings import load_item_embeddings, save_item_embeddings
     from .io import atomic_write_json
 
     rq_config = rq_config or RQVAEConfig()
-    folder = run.root / "coderrec" / _key(dataset)
+    folder = run.checkpoints / "coderrec" / _key(dataset)
     emb_folder = folder / "embeddings" / EMBEDDING_VARIANT
     if (emb_folder / "manifest.json").exists():
         table, _ = load_item_embeddings(emb_folder, dataset)
@@ -606,8 +608,7 @@ def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: R
             "pooling": "last", "prompt": "Key: value; ...", "example": texts[0], "source": backbone.source,
             "seconds": round(time.perf_counter() - tick, 1)})
         del backbone
-    result = fit_rqvae(table, rq_config, checkpoint_dir=run.checkpoints / "coderrec" / _key(dataset) / "rqvae",
-                       progress=progress)
+    result = fit_rqvae(table, rq_config, checkpoint_dir=folder / "rqvae", progress=progress)
     codes = semantic_ids(result.model, table)
     sem = resolve_collisions(codes)
     collisions = collision_stats(codes)

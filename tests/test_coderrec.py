@@ -310,8 +310,13 @@ def test_run_writes_metrics_once_and_reuses_artifacts(cyclic, isolated_runs):
     assert set(df["protocol"]) == {"sampled100", "full"}
     assert set(df["group"]) == {"all", "tail_items", "head_items", "tail_users", "head_users"}
     assert len(df) == 2 * 5 * 6
-    assert train_and_evaluate_coderrec(run, cyclic, art, 0, small_config(), load_llm, progress=False)["skipped"]
-    assert len(read_metrics(run)) == len(df)
+    skipped = train_and_evaluate_coderrec(run, cyclic, art, 0, small_config(), load_llm, progress=False)
+    assert skipped["skipped"] and len(read_metrics(run)) == len(df)
+    # a skipped seed still brings its histories back (for the notebook's plots)
+    assert skipped["pretrain_history"] == log["pretrain_history"]
+    assert skipped["cross_history"] == log["cross_history"] and skipped["cross_valid"] == log["cross_valid"]
+    assert (art.folder / "embeddings" / "coderrec-last" / "manifest.json").exists()
+    assert not (run.embeddings / "coderrec-last").exists()  # not a variant for notebook 04
 
 
 def test_config_validation():
