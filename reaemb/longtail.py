@@ -32,7 +32,8 @@ __all__ = [
 
 GROUPS = ["all", "head_items", "tail_items", "head_users", "tail_users"]
 VARIANT_LABELS = {"id": "ID only", "inference": "LLM (inference)", "scft": "SCFT (LLMEmb)",
-                  "lrcl": "LRCL", "crrl": "LRCL+CRRL"}
+                  "lrcl": "LRCL", "crrl": "LRCL+CRRL",
+                  "coderrec": "CoderRec"}
 
 
 def load_metrics(path: str | Path) -> pd.DataFrame:

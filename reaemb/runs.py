@@ -157,6 +157,7 @@ NOTEBOOKS = [
     "04_srs_evaluation",
     "05_long_tail",
     "06_embedding_umap",
+    "07_coderrec",
 ]
 
 # YAML keys that become notebook parameters (upper-cased) when a notebook declares them.
