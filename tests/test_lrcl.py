@@ -249,3 +249,26 @@ def test_build_llm_variant_builds_skips_and_rebuilds(toy_dataset, isolated_runs,
     assert not other["skipped"] and len(other["history"]) == 2
     with pytest.raises(ValueError):
         build_llm_variant("crrl", toy_dataset, run, bb_config, config)
+
+
+def test_crrl_is_retrained_when_the_lrcl_model_changes(toy_dataset, isolated_runs, monkeypatch):
+    from reaemb.crrl import CRRLConfig
+    from reaemb.crrl_llm import build_crrl_variant
+
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda config: tiny_backbone())
+    run = run_dir("toy-crrl")
+    bb_config = backbone_mod.BackboneConfig(model="tiny")
+    build_llm_variant("lrcl", toy_dataset, run, bb_config, LRCLConfig(steps=1, batch_size=3), progress=False)
+    crrl = CRRLConfig(steps=1, anchors_per_step=2, num_generations=2, candidate_refresh_every=1,
+                      negative_fallback_share=0.5, n_negatives=2)
+    first = build_crrl_variant(toy_dataset, run, bb_config, crrl, progress=False)
+    assert not first["skipped"] and first["lrcl_fingerprint"] is not None
+    assert build_crrl_variant(toy_dataset, run, bb_config, crrl, progress=False)["skipped"]
+    # another LRCL model (another learning rate): CRRL starts over from it
+    build_llm_variant("lrcl", toy_dataset, run, bb_config, LRCLConfig(steps=1, batch_size=3, lr=1e-2), progress=False)
+    again = build_crrl_variant(toy_dataset, run, bb_config, crrl, progress=False)
+    assert not again["skipped"] and again["lrcl_fingerprint"] != first["lrcl_fingerprint"]
+    # another CRRL configuration: retrained too
+    other = build_crrl_variant(toy_dataset, run, bb_config, CRRLConfig(**{**crrl.__dict__, "sigma": 0.5}),
+                               progress=False)
+    assert not other["skipped"]
