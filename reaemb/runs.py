@@ -181,8 +181,9 @@ def _declared_parameters(notebook: Path) -> set[str]:
 
 def load_run_spec(path: str | Path) -> dict:
     """Read ``papermill_runs/<run>.yaml``: ``run`` (default: the file's stem), global
-    parameters, ``notebooks`` (list of stages; default all present) and per-notebook
-    ``parameters: {stage: {NAME: value}}``."""
+    parameters, ``notebooks`` (list of stages; default all present), per-notebook
+    ``parameters: {stage: {NAME: value}}``, and free text: ``description`` and ``note`` (what
+    the run leaves out and why; ``python -m reaemb.report`` prints it in RESULTS.md)."""
     import yaml
 
     path = Path(path)
@@ -192,7 +193,7 @@ def load_run_spec(path: str | Path) -> dict:
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     spec.setdefault("run", path.stem)
-    unknown = set(spec) - set(_GLOBAL_KEYS) - {"notebooks", "parameters", "description"}
+    unknown = set(spec) - set(_GLOBAL_KEYS) - {"notebooks", "parameters", "description", "note"}
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
     return spec

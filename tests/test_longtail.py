@@ -73,7 +73,11 @@ def test_results_page_names_missing_datasets_and_formats_mean_std(tmp_path):
 
     (tmp_path / "toy" / "results").mkdir(parents=True)
     _table().to_csv(tmp_path / "toy" / "results" / "metrics.csv", index=False)
+    (tmp_path / "yelp.yaml").write_text("run: yelp\ndataset: yelp\nnote: >\n  LLM stages not run:\n  too slow on CPU.\n")
+    (tmp_path / "toy.yaml").write_text("run: toy\ndataset: toy\nnote: ID models only.\n")
     text = write_results(tmp_path).read_text()
-    assert "**Missing:** no metrics for ml-100k, amazon-office, yelp" in text
+    assert "**Missing: ml-100k** — no metrics. The run was not executed" in text
+    assert "**Missing: yelp** — no metrics. LLM stages not run: too slow on CPU." in text
+    assert "**Scope of this run:** ID models only." in text
     assert "## toy" in text and "0.1100 ± 0.0141" in text  # id: mean 0.11, std sqrt(2)·0.01
     assert "LRCL+CRRL vs each variant" in text
