@@ -3,7 +3,8 @@
 ``python -m reaemb.report [--runs-root papermill_runs] [--out papermill_runs/RESULTS.md]``
 
 Per dataset: HR@10 and NDCG@10 under both protocols (mean ± std over seeds, number of seeds),
-NDCG@10 by long-tail group, and the paired comparison of LRCL+CRRL with every other variant
+NDCG@10 by long-tail group, and the paired comparison of LRCL+CRRL (LRCL where a run has no
+CRRL) with every other variant
 (:func:`reaemb.longtail.paired_comparison`). Runs listed in ``EXPECTED`` without metrics are
 named as missing, so the page says what it lacks.
 """
@@ -106,11 +107,13 @@ def results_markdown(df: pd.DataFrame, expected: tuple[str, ...] = EXPECTED, not
                   to_markdown(_headline(d)), ""]
         if not d[(d["protocol"] == "full") & (d["metric"] == "NDCG@10")].empty:
             lines += ["### NDCG@10 (full ranking) by group", "", to_markdown(_groups(d)), ""]
-        for protocol in ("full", "sampled100"):
-            pairs = paired_comparison(d, "crrl", "NDCG@10", protocol, "all")
+        target = next((v for v in ("crrl", "lrcl") if v in set(d["variant"])), None)
+        for protocol in ("full", "sampled100") if target else ():
+            pairs = paired_comparison(d, target, "NDCG@10", protocol, "all")
             if len(pairs):
                 pairs = pairs.assign(baseline=pairs["baseline"].map(lambda v: VARIANT_LABELS.get(v, v)))
-                lines += [f"### LRCL+CRRL vs each variant, NDCG@10 ({protocol}), paired over backbone × seed",
+                lines += [f"### {VARIANT_LABELS.get(target, target)} vs each variant, NDCG@10 ({protocol}), "
+                          "paired over backbone × seed",
                           "", to_markdown(_fmt(pairs.drop(columns=["dataset", "target"]))), ""]
     return "\n".join(lines) + "\n"
 
