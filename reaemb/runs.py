@@ -203,8 +203,8 @@ def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] |
     """Execute a run's notebooks in order with papermill into ``papermill_runs/<run>/``.
 
     A stage whose notebook finished with the same parameters is skipped (its marker
-    ``results/stages/<stage>.json`` holds the parameters and time); an interrupted stage is
-    run again, and the notebooks themselves reuse what earlier attempts saved (prepared data,
+    ``results/stages/<stage>.json`` holds the parameters and time) unless an earlier stage ran
+    in this invocation (its outputs may have changed); an interrupted stage is run again, and the notebooks themselves reuse what earlier attempts saved (prepared data,
     checkpoints, finished evaluations). Prints the time per stage.
     """
     import time
@@ -222,6 +222,7 @@ def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] |
     markers = run.results / "stages"
     markers.mkdir(parents=True, exist_ok=True)
     timings = []
+    upstream_ran = False  # once a stage runs, the later ones run too (their inputs may have changed)
     for stage in stages:
         source = notebooks_dir / f"{stage}.ipynb"
         if not source.exists():
@@ -232,7 +233,7 @@ def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] |
         params = {k: v for k, v in params.items() if k in declared}
         key = sha256_json({"params": params, "notebook": sha256_json(source.read_text())})
         marker = markers / f"{stage}.json"
-        if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        if not force and not upstream_ran and marker.exists() and json.loads(marker.read_text()).get("key") == key:
             prev = json.loads(marker.read_text())
             print(f"[{stage}] finished earlier ({prev['seconds']:.0f} s): skipped")
             timings.append({"stage": stage, "seconds": prev["seconds"], "skipped": True})
@@ -249,6 +250,7 @@ def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] |
         seconds = time.perf_counter() - start
         atomic_write_json(marker, {"key": key, "params": params, "seconds": round(seconds, 1)})
         print(f"[{stage}] done in {seconds:.0f} s", flush=True)
+        upstream_ran = True
         timings.append({"stage": stage, "seconds": round(seconds, 1), "skipped": False})
     total = sum(t["seconds"] for t in timings)
     print("stage times: " + ", ".join(f"{t['stage']} {t['seconds']:.0f} s" for t in timings) + f"; total {total:.0f} s")

@@ -106,3 +106,30 @@ def test_environment_yml_carries_the_requirements_pins():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert set(pip) == reqs
+
+
+def test_runner_reruns_later_stages_after_an_earlier_one_ran(isolated_runs, monkeypatch):
+    import papermill as pm
+
+    executed = []
+
+    def fake_execute(source, out, parameters, cwd, progress_bar):
+        executed.append(Path(source).stem)
+        Path(out).write_text("{}")
+
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    spec = isolated_runs / "chain.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k", "profile": "quick",
+                                    "notebooks": ["01_data_prep", "05_long_tail"]}))
+    execute_run(spec)
+    assert executed == ["01_data_prep", "05_long_tail"]
+    execute_run(spec)  # both finished with the same parameters: nothing runs
+    assert executed == ["01_data_prep", "05_long_tail"]
+    execute_run(spec, only=["05_long_tail"], force=True)
+    assert executed[-1] == "05_long_tail" and len(executed) == 3
+    # stage 01's parameters change: it runs, and so does 05 although its own marker matches
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k", "profile": "quick", "seed": 1,
+                                    "notebooks": ["01_data_prep", "05_long_tail"]}))
+    timings = execute_run(spec)
+    assert executed[3:] == ["01_data_prep", "05_long_tail"]
+    assert [t["skipped"] for t in timings] == [False, False]
