@@ -85,6 +85,7 @@ from .rqvae import (
     semantic_ids,
 )
 from .srs import SASRec, SRSConfig, left_pad
+from .training import _record_input
 
 __all__ = [
     "BACKBONE",
@@ -618,6 +619,41 @@ def prepare_artifacts(run, dataset, load_llm: Callable[[], object], rq_config: R
     return CoderRecArtifacts(table, result.model, result.history, codes, sem, collisions, usage, folder)
 
 
+def artifacts_fingerprint(artifacts: CoderRecArtifacts) -> str:
+    """Fingerprint of what the small model is built from: the item table and the semantic IDs."""
+    from .embeddings import table_fingerprint
+
+    return table_fingerprint(torch.cat([artifacts.table.float().cpu(), artifacts.sem_ids.float().cpu()], 1))
+
+
+def forget_stale_coderrec(run, dataset, fingerprint: str) -> bool:
+    """Drop CoderRec's rows and per-seed checkpoints when they were computed from other
+    artifacts (a rebuilt item table or RQ-VAE: ``results/srs_inputs.json`` records the
+    fingerprint with the rows). Rows written before fingerprints were recorded are kept and
+    the current fingerprint recorded for them. Returns True when something was dropped."""
+    import json
+    import shutil
+
+    from .results import drop_metrics, read_metrics
+
+    path = run.results / "srs_inputs.json"
+    recorded = (json.loads(path.read_text()) if path.exists() else {}).get(f"{dataset.name}/{VARIANT}")
+    df = read_metrics(run)
+    has_rows = bool(((df["dataset"] == dataset.name) & (df["variant"] == VARIANT)).any())
+    if recorded is None:
+        if has_rows:
+            _record_input(run, dataset, VARIANT, fingerprint)
+        return False
+    if recorded == fingerprint:
+        return False
+    drop_metrics(run, dataset.name, VARIANT)
+    ck_root = run.checkpoints / "coderrec" / _key(dataset)
+    for folder in [*ck_root.glob("small-seed*"), *ck_root.glob("cross-seed*")]:
+        shutil.rmtree(folder)
+    _record_input(run, dataset, VARIANT, None)
+    return True
+
+
 def train_and_evaluate_coderrec(
     run,
     dataset,
@@ -643,6 +679,8 @@ def train_and_evaluate_coderrec(
     from .training import default_device, fit
 
     ck_root = run.checkpoints / "coderrec" / _key(dataset)
+    fingerprint = artifacts_fingerprint(artifacts)
+    forget_stale_coderrec(run, dataset, fingerprint)
     if completed(run, dataset.name, BACKBONE, VARIANT, seed):
         return {"seed": seed, "skipped": True, **checkpoint_histories(ck_root, seed)}
     tick = time.perf_counter()
@@ -670,6 +708,7 @@ def train_and_evaluate_coderrec(
     table = metrics_table(ranks, eval_sets["test"].groups)
     rows = table.assign(dataset=dataset.name, backbone=BACKBONE, variant=VARIANT, seed=seed)
     append_metrics(run, rows)
+    _record_input(run, dataset, VARIANT, fingerprint)
     with atomic_dir(run.results / "ranks" / f"{dataset.name}_{BACKBONE}_{VARIANT}_seed{seed}") as tmp:
         np.savez_compressed(tmp / "ranks.npz", **ranks)
     m = rows.set_index(["protocol", "group", "metric"])["value"]

@@ -19,6 +19,7 @@ from reaemb.coderrec import (
     BACKBONE,
     VARIANT,
     CoderRecConfig,
+    artifacts_fingerprint,
     attach_llm,
     build_small_model,
     cross_scale_train,
@@ -317,6 +318,14 @@ def test_run_writes_metrics_once_and_reuses_artifacts(cyclic, isolated_runs):
     assert skipped["cross_history"] == log["cross_history"] and skipped["cross_valid"] == log["cross_valid"]
     assert (art.folder / "embeddings" / "coderrec-last" / "manifest.json").exists()
     assert not (run.embeddings / "coderrec-last").exists()  # not a variant for notebook 04
+    # rebuilt artifacts (another item table): the old rows and per-seed checkpoints are
+    # dropped and the seed is trained again
+    changed = replace(art, table=art.table + 1.0)
+    assert artifacts_fingerprint(changed) != artifacts_fingerprint(art)
+    redo = train_and_evaluate_coderrec(run, cyclic, changed, 0, small_config(cross_steps=2), load_llm,
+                                       device="cpu", progress=False)
+    assert not redo["skipped"] and len(read_metrics(run)) == len(df)
+    assert train_and_evaluate_coderrec(run, cyclic, changed, 0, small_config(), load_llm, progress=False)["skipped"]
 
 
 def test_config_validation():
