@@ -111,6 +111,8 @@ def results_markdown(df: pd.DataFrame, expected: tuple[str, ...] = EXPECTED, not
         for protocol in ("full", "sampled100") if target else ():
             pairs = paired_comparison(d, target, "NDCG@10", protocol, "all")
             if len(pairs):
+                pairs = pairs[pairs["pairs"] > 0]  # e.g. CoderRec: its own backbone, nothing to pair with
+            if len(pairs):
                 pairs = pairs.assign(baseline=pairs["baseline"].map(lambda v: VARIANT_LABELS.get(v, v)))
                 lines += [f"### {VARIANT_LABELS.get(target, target)} vs each variant, NDCG@10 ({protocol}), "
                           "paired over backbone × seed",
