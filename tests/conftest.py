@@ -83,3 +83,33 @@ def smollm2():
 def make_tiny_backbone():
     """Factory of fresh :func:`tiny_backbone` instances."""
     return tiny_backbone
+
+
+# --------------------------------------------------------------------------- tiny datasets
+
+CYCLE_ITEMS = 30
+
+
+def cyclic_dataset(tmp_path: Path, genres: bool = False):
+    """30 users walking the cycle 0 -> 1 -> ... -> 29 -> 0 from every start: the next item is
+    always the successor of the last one. ``genres``: items alternate Comedy / Drama."""
+    from reaemb.data import DataConfig, prepare
+
+    seqs = {str(u): [str((u + j) % CYCLE_ITEMS) for j in range(7 + u % 4)] for u in range(CYCLE_ITEMS)}
+    items = {str(i): {"title": f"item {i}", **({"genres": "Drama" if i % 2 else "Comedy"} if genres else {})}
+             for i in range(CYCLE_ITEMS)}
+    write_inter_json(tmp_path / "src", "Cyc", seqs, items)
+    return prepare(DataConfig(dataset="json:Cyc", data_dir=str(tmp_path / "src"), user_core=5, item_core=1),
+                   tmp_path / "data")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_backbone, write_inter_json
+from conftest import CYCLE_ITEMS, cyclic_dataset, tiny_backbone
 from reaemb.backbone import decoder_of, last_hidden_state
 from reaemb.coderrec import (
     BACKBONE,
@@ -28,7 +28,6 @@ from reaemb.coderrec import (
     prepare_artifacts,
     train_and_evaluate_coderrec,
 )
-from reaemb.data import DataConfig, prepare
 from reaemb.evaluation import build_eval_set, compute_ranks
 from reaemb.results import read_metrics
 from reaemb.rqvae import (
@@ -43,25 +42,15 @@ from reaemb.rqvae import (
 )
 from reaemb.runs import run_dir
 
-N_ITEMS = 30
+N_ITEMS = CYCLE_ITEMS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def cyclic(tmp_path):
-    """30 users walking the cycle 0 -> 1 -> ... -> 29 -> 0 (the next item is the successor)."""
-    seqs = {str(u): [str((u + j) % N_ITEMS) for j in range(7 + u % 4)] for u in range(N_ITEMS)}
-    items = {str(i): {"title": f"item {i}", "genres": "Drama" if i % 2 else "Comedy"} for i in range(N_ITEMS)}
-    write_inter_json(tmp_path / "src", "Cyc", seqs, items)
-    return prepare(DataConfig(dataset="json:Cyc", data_dir=str(tmp_path / "src"), user_core=5, item_core=1),
-                   tmp_path / "data")
+    return cyclic_dataset(tmp_path, genres=True)
 
 
 def toy_table(n: int = 120, dim: int = 24, seed: int = 0) -> torch.Tensor:

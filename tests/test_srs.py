@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_inter_json
-from reaemb.data import DataConfig, prepare
+from conftest import CYCLE_ITEMS, cyclic_dataset
 from reaemb.embeddings import save_item_embeddings
 from reaemb.evaluation import EvalSet, compute_ranks
 from reaemb.results import read_metrics
@@ -19,27 +18,15 @@ from reaemb.runs import run_dir
 from reaemb.srs import BACKBONES, SRSConfig, build_model, left_pad, pca_table
 from reaemb.training import alignment_loss, fit, length_buckets, run_grid, teacher_table
 
-N_ITEMS = 30
+N_ITEMS = CYCLE_ITEMS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def cyclic(tmp_path):
-    """30 users walking the cycle 0 -> 1 -> ... -> 29 -> 0 from every start: the next item is
-    always the successor of the last one."""
-    seqs = {str(u): [str((u + j) % N_ITEMS) for j in range(7 + u % 4)] for u in range(N_ITEMS)}
-    items = {str(i): {"title": f"item {i}"} for i in range(N_ITEMS)}
-    write_inter_json(tmp_path / "src", "Cyc", seqs, items)
-    return prepare(DataConfig(dataset="json:Cyc", data_dir=str(tmp_path / "src"), user_core=5, item_core=1),
-                   tmp_path / "data")
+    return cyclic_dataset(tmp_path)
 
 
 def tiny(backbone: str, **kw) -> SRSConfig:
