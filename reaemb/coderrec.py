@@ -85,7 +85,7 @@ from .rqvae import (
     semantic_ids,
 )
 from .srs import SASRec, SRSConfig, left_pad
-from .training import _record_input
+from .training import _record_input, _recorded_input
 
 __all__ = [
     "BACKBONE",
@@ -631,13 +631,11 @@ def forget_stale_coderrec(run, dataset, fingerprint: str) -> bool:
     artifacts (a rebuilt item table or RQ-VAE: ``results/srs_inputs.json`` records the
     fingerprint with the rows). Rows written before fingerprints were recorded are kept and
     the current fingerprint recorded for them. Returns True when something was dropped."""
-    import json
     import shutil
 
     from .results import drop_metrics, read_metrics
 
-    path = run.results / "srs_inputs.json"
-    recorded = (json.loads(path.read_text()) if path.exists() else {}).get(f"{dataset.name}/{VARIANT}")
+    recorded = _recorded_input(run, dataset, VARIANT)
     df = read_metrics(run)
     has_rows = bool(((df["dataset"] == dataset.name) & (df["variant"] == VARIANT)).any())
     if recorded is None:

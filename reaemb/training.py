@@ -260,6 +260,12 @@ def _inputs_path(run) -> Path:
     return run.results / "srs_inputs.json"
 
 
+def _recorded_input(run, dataset, label: str) -> str | None:
+    """The fingerprint recorded with ``label``'s rows (None: none recorded)."""
+    path = _inputs_path(run)
+    return (json.loads(path.read_text()) if path.exists() else {}).get(f"{dataset.name}/{label}")
+
+
 def _record_input(run, dataset, label: str, fingerprint: str | None) -> None:
     from .io import atomic_write_json
 
@@ -283,9 +289,7 @@ def invalidate_stale(run, dataset, label: str, table: torch.Tensor | None) -> bo
 
     if table is None:
         return False
-    path = _inputs_path(run)
-    recorded = (json.loads(path.read_text()) if path.exists() else {}).get(f"{dataset.name}/{label}")
-    if recorded == table_fingerprint(table):
+    if _recorded_input(run, dataset, label) == table_fingerprint(table):
         return False
     df = read_metrics(run)
     has_rows = bool(((df["dataset"] == dataset.name) & (df["variant"] == label)).any())
