@@ -38,6 +38,7 @@ __all__ = [
     "fit",
     "SRSRun",
     "train_and_evaluate",
+    "default_workers",
     "run_grid",
 ]
 
@@ -249,6 +250,7 @@ class SRSRun:
     fit: FitResult
     metrics: pd.DataFrame
     seconds: float
+    input_fingerprint: str | None = None  # fingerprint of the frozen item table (None: ID model)
 
 
 def _checkpoint_dir(run, dataset, backbone: str, variant: str, seed: int) -> Path:
@@ -330,15 +332,17 @@ def train_and_evaluate(
     align_target: torch.Tensor | None = None,
     progress: bool = True,
     eval_sets: dict[str, EvalSet] | None = None,
+    record: bool = True,
 ) -> SRSRun:
     """Train one model (resuming from its checkpoint in ``run``), evaluate its best state on
-    the test split under both protocols, append the rows to ``run.metrics_csv`` and save the
-    per-user test ranks to ``results/ranks/`` (for paired tests between methods).
+    the test split under both protocols, save the per-user test ranks to ``results/ranks/``
+    (for paired tests between methods) and append the rows to ``run.metrics_csv``.
 
     The rows are labelled ``variant`` (``<variant>+align`` when the LLMEmb alignment loss is
-    on; it is off for ``id``, which has no adapter)."""
+    on; it is off for ``id``, which has no adapter). ``record=False`` leaves ``metrics.csv``
+    and ``srs_inputs.json`` alone (the parallel grid's workers: their parent records)."""
+    from .embeddings import table_fingerprint
     from .io import atomic_dir
-    from .results import append_metrics
 
     tick = time.perf_counter()
     base = asdict(config) if config is not None else {}
@@ -359,14 +363,43 @@ def train_and_evaluate(
                           batch_size=config.eval_batch_size, device=device)
     table = metrics_table(ranks, eval_sets["test"].groups)
     rows = table.assign(dataset=dataset.name, backbone=backbone, variant=label, seed=seed)
-    append_metrics(run, rows)
-    if variant != "id":
-        from .embeddings import table_fingerprint
-
-        _record_input(run, dataset, label, table_fingerprint(model_table))
     with atomic_dir(run.results / "ranks" / f"{dataset.name}_{backbone}_{label}_seed{seed}") as tmp:
         np.savez_compressed(tmp / "ranks.npz", **ranks)
-    return SRSRun(dataset.name, backbone, label, seed, config, result, rows, time.perf_counter() - tick)
+    out = SRSRun(dataset.name, backbone, label, seed, config, result, rows, time.perf_counter() - tick,
+                 table_fingerprint(model_table) if model_table is not None else None)
+    if record:
+        _record_run(run, dataset, out)
+    return out
+
+
+def _record_run(run, dataset, out: SRSRun) -> None:
+    """Append ``out``'s rows to ``metrics.csv`` and record its input table's fingerprint."""
+    from .results import append_metrics
+
+    append_metrics(run, out.metrics)
+    if out.input_fingerprint is not None:
+        _record_input(run, dataset, out.variant, out.input_fingerprint)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _grid_job(run, dataset, backbone, variant, seed, config, mask_history, device) -> SRSRun:
+    """One model of the parallel grid, in a worker process (records nothing itself)."""
+    return train_and_evaluate(run, dataset, backbone, variant, seed, config, mask_history=mask_history,
+                              device=device, progress=False, record=False)
+
+
+def default_workers(device: torch.device | str | None = None) -> int:
+    """Worker processes for the grid: one per CPU thread torch would use on CPU (the small
+    recommenders run best on one thread each), one on CUDA."""
+    import os
+
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def run_grid(
@@ -375,36 +408,57 @@ def run_grid(
     *,
     backbones: list[str],
     variants: list[str],
-    seeds: list[int],
+    seeds: list[int] | dict[str, list[int]],
     config: SRSConfig | None = None,
     mask_history: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Train and evaluate every backbone x variant x seed not yet in ``metrics.csv``; returns
     one row per model (time, epochs, best epoch, validation and test NDCG@10, ``skipped``).
+    ``seeds`` is one list for every variant or a list per variant (e.g. more for ``id``).
 
     With ``config.align_alpha > 0`` the LLM variants are aligned to the ID-SASRec of the same
     seed (trained first, or reloaded from its checkpoint).
+
+    ``workers > 1`` trains that many models at once in worker processes (each with this
+    process's torch thread count), without the alignment loss only. Every model is seeded on
+    its own, so the rows equal the sequential grid's (tested); this process writes
+    ``metrics.csv`` as each model finishes, and an interrupted grid resumes as the sequential
+    one does (finished models skipped, the others from their checkpoints).
     """
     from tqdm.auto import tqdm
 
     from .results import completed
 
     config = config or SRSConfig()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     log = []
-    jobs = [(b, v, s) for s in seeds for v in variants for b in backbones]
+    per_variant = seeds if isinstance(seeds, dict) else {v: list(seeds) for v in variants}
+    if set(per_variant) != set(variants):
+        raise ValueError(f"seeds given for {sorted(per_variant)} but the variants are {sorted(variants)}")
+    every_seed = sorted({s for v in variants for s in per_variant[v]})
+    jobs = [(b, v, s) for s in every_seed for v in variants if s in per_variant[v] for b in backbones]
     eval_cache: dict[int, dict[str, EvalSet]] = {}
     teachers: dict[int, torch.Tensor] = {}
     for variant in variants:
         label = f"{variant}+align" if config.align_alpha > 0 and variant != "id" else variant
         if invalidate_stale(run, dataset, label, _load_table(run, dataset, variant)):
             print(f"{label}: its embedding table changed since its models were evaluated: retraining them")
-    for backbone, variant, seed in tqdm(jobs, desc="models", disable=not progress):
+    pending = []
+    for backbone, variant, seed in jobs:
         label = f"{variant}+align" if config.align_alpha > 0 and variant != "id" else variant
         if completed(run, dataset.name, backbone, label, seed):
             log.append({"backbone": backbone, "variant": label, "seed": seed, "skipped": True})
-            continue
+        else:
+            pending.append((backbone, variant, seed))
+    if workers > 1 and config.align_alpha == 0 and len(pending) > 1:
+        return pd.DataFrame(log + _parallel_grid(run, dataset, pending, config, mask_history, device,
+                                                 min(workers, len(pending)), progress))
+    for backbone, variant, seed in tqdm(pending, desc="models", disable=not progress):
+        label = f"{variant}+align" if config.align_alpha > 0 and variant != "id" else variant
         sets = eval_cache.setdefault(seed, {})
         align = None
         if label != variant:
@@ -416,13 +470,52 @@ def run_grid(
             align = teachers[seed]
         out = train_and_evaluate(run, dataset, backbone, variant, seed, config, mask_history=mask_history,
                                  device=device, align_target=align, progress=progress, eval_sets=sets)
-        m = out.metrics.set_index(["protocol", "group", "metric"])["value"]
-        log.append({"backbone": backbone, "variant": label, "seed": seed, "skipped": False,
-                    "seconds": round(out.seconds, 1), "epochs": out.fit.epochs_run, "best_epoch": out.fit.best_epoch,
-                    "valid_ndcg10": round(out.fit.best_valid, 4),
-                    "test_ndcg10_sampled": round(m[("sampled100", "all", "NDCG@10")], 4),
-                    "test_ndcg10_full": round(m[("full", "all", "NDCG@10")], 4)})
+        log.append(_log_row(out))
     return pd.DataFrame(log)
+
+
+def _log_row(out: SRSRun) -> dict:
+    m = out.metrics.set_index(["protocol", "group", "metric"])["value"]
+    return {"backbone": out.backbone, "variant": out.variant, "seed": out.seed, "skipped": False,
+            "seconds": round(out.seconds, 1), "epochs": out.fit.epochs_run, "best_epoch": out.fit.best_epoch,
+            "valid_ndcg10": round(out.fit.best_valid, 4),
+            "test_ndcg10_sampled": round(m[("sampled100", "all", "NDCG@10")], 4),
+            "test_ndcg10_full": round(m[("full", "all", "NDCG@10")], 4)}
+
+
+def _parallel_grid(run, dataset, pending, config, mask_history, device, workers: int, progress: bool) -> list[dict]:
+    """``pending`` models on ``workers`` spawned processes; rows recorded here as they finish."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    device = str(device) if device is not None else str(default_device())
+    log = []
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(torch.get_num_threads(),))
+    try:
+        with tqdm(total=len(pending), desc=f"models ({workers} workers)", disable=not progress) as bar:
+            futures = {pool.submit(_grid_job, run, dataset, b, v, s, config, mask_history, device)
+                       for b, v, s in pending}
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    out = future.result()
+                    _record_run(run, dataset, out)
+                    log.append(_log_row(out))
+                    bar.update(1)
+    except BaseException:
+        # interrupted or a model failed: stop the workers now (an unfinished model resumes
+        # from its checkpoint next time) instead of waiting for the running models
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    pool.shutdown()
+    order = {(b, v, s): i for i, (b, v, s) in enumerate(pending)}
+    return sorted(log, key=lambda r: order[(r["backbone"], r["variant"], r["seed"])])
 
 
 def teacher_table(run, dataset, seed: int, config: SRSConfig) -> torch.Tensor:

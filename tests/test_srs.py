@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -212,3 +213,38 @@ def test_run_grid_retrains_a_variant_whose_table_changed(cyclic, isolated_runs):
     same_id = before[before["variant"] == "id"].set_index(key)["value"].sort_index()
     assert np.allclose(same_id.to_numpy(), after[after["variant"] == "id"].set_index(key)["value"].sort_index(),
                        equal_nan=True)
+
+
+def test_parallel_grid_equals_sequential_grid(cyclic, isolated_runs):
+    """Two worker processes write the same rows, ranks and input fingerprints as one process
+    (every model is seeded on its own), with more seeds for ``id`` than for ``lrcl``."""
+    table = torch.randn(cyclic.n_items, 16, generator=torch.Generator().manual_seed(4))
+    seeds = {"id": [0, 1], "lrcl": [1]}
+    kw = dict(backbones=["sasrec", "gru4rec"], variants=["id", "lrcl"], seeds=seeds,
+              config=tiny("sasrec", max_epochs=2, patience=2), progress=False, device="cpu")
+    rows, logs = {}, {}
+    for name, workers in (("seq", 1), ("par", 2)):
+        run = run_dir(name)
+        save_item_embeddings(run.embeddings, "lrcl", table, cyclic)
+        logs[name] = run_grid(run, cyclic, workers=workers, **kw)
+        rows[name] = read_metrics(run).sort_values(["backbone", "variant", "seed", "protocol", "group", "metric"])
+        assert (run.results / "ranks" / f"{cyclic.name}_gru4rec_lrcl_seed1" / "ranks.npz").exists()
+    assert len(logs["par"]) == 6 and not logs["par"]["skipped"].any()
+    assert sorted(zip(rows["par"]["variant"], rows["par"]["seed"])) == sorted(zip(rows["seq"]["variant"],
+                                                                                  rows["seq"]["seed"]))
+    assert set(zip(rows["par"]["variant"], rows["par"]["seed"])) == {("id", 0), ("id", 1), ("lrcl", 1)}
+    pd.testing.assert_frame_equal(rows["par"].reset_index(drop=True), rows["seq"].reset_index(drop=True))
+    key = ["backbone", "variant", "seed"]
+    pd.testing.assert_frame_equal(logs["par"][key], logs["seq"][key])  # same order as the sequential log
+    assert (run_dir("par").results / "srs_inputs.json").read_text() == \
+        (run_dir("seq").results / "srs_inputs.json").read_text()
+    # finished models are skipped by the parallel grid too
+    assert run_grid(run_dir("par"), cyclic, workers=2, **kw)["skipped"].all()
+
+
+def test_run_grid_argument_errors(cyclic, isolated_runs):
+    kw = dict(backbones=["sasrec"], config=tiny("sasrec", max_epochs=1), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="workers"):
+        run_grid(run_dir("bad"), cyclic, variants=["id"], seeds=[0], workers=0, **kw)
+    with pytest.raises(ValueError, match="seeds given for"):
+        run_grid(run_dir("bad"), cyclic, variants=["id"], seeds={"lrcl": [0]}, **kw)
