@@ -199,13 +199,41 @@ def load_run_spec(path: str | Path) -> dict:
     return spec
 
 
+# results that stages add to rather than rewrite (a stage skips what they already hold)
+_ACCUMULATED = ("metrics.csv", "srs_inputs.json", "ranks")
+
+
+def start_over(run: RunDir) -> list[str]:
+    """Remove the results the stages add to (``metrics.csv``, ``srs_inputs.json``, ``ranks/``)
+    so that the next run recomputes every model; returns the names removed."""
+    import shutil
+
+    removed = []
+    for name in _ACCUMULATED:
+        path = run.results / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] | None = None) -> list[dict]:
     """Execute a run's notebooks in order with papermill into ``papermill_runs/<run>/``.
 
     A stage whose notebook finished with the same parameters is skipped (its marker
     ``results/stages/<stage>.json`` holds the parameters and time) unless an earlier stage ran
-    in this invocation (its outputs may have changed); an interrupted stage is run again, and the notebooks themselves reuse what earlier attempts saved (prepared data,
-    checkpoints, finished evaluations). Prints the time per stage.
+    in this invocation (its outputs may have changed); an interrupted stage is run again, and
+    the notebooks themselves reuse what earlier attempts saved (prepared data, checkpoints,
+    finished evaluations). Prints the time per stage.
+
+    A whole run (no ``only``) in a checkout where none of its stages has run yet, e.g. a fresh
+    clone holding the committed results of the reference run, starts those results over
+    (:func:`start_over`): every model is trained again, none is taken from the committed
+    ``metrics.csv``; ``git diff`` then compares the reproduction with the committed run.
     """
     import time
 
@@ -220,6 +248,11 @@ def execute_run(spec_path: str | Path, *, force: bool = False, only: list[str] |
     if only:
         stages = [s for s in stages if s in only]
     markers = run.results / "stages"
+    if not only and not any(markers.glob("*.json")):
+        removed = start_over(run)
+        if removed:
+            print(f"no stage of run {spec['run']!r} has run in this checkout: starting its results over "
+                  f"(removed {', '.join(removed)}; the committed ones stay in git)", flush=True)
     markers.mkdir(parents=True, exist_ok=True)
     timings = []
     upstream_ran = False  # once a stage runs, the later ones run too (their inputs may have changed)

@@ -133,3 +133,34 @@ def test_runner_reruns_later_stages_after_an_earlier_one_ran(isolated_runs, monk
     timings = execute_run(spec)
     assert executed[3:] == ["01_data_prep", "05_long_tail"]
     assert [t["skipped"] for t in timings] == [False, False]
+
+
+def test_a_whole_run_in_a_fresh_checkout_starts_the_committed_results_over(isolated_runs, monkeypatch):
+    """A fresh clone holds committed results but no stage markers: a whole run recomputes every
+    model instead of skipping the committed rows; once a stage has run, nothing is removed."""
+    import papermill as pm
+
+    monkeypatch.setattr(pm, "execute_notebook", lambda source, out, **kw: Path(out).write_text("{}"))
+    spec = isolated_runs / "clone.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": "ml-100k", "profile": "quick", "notebooks": ["05_long_tail"]}))
+    run = run_dir("clone")
+    committed = {run.metrics_csv: "dataset,backbone\n", run.results / "srs_inputs.json": "{}",
+                 run.results / "ranks" / "m" / "ranks.npz": "x", run.results / "05_long_tail.json": "{}"}
+
+    def commit():
+        for path, text in committed.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    commit()
+    execute_run(spec, only=["05_long_tail"])  # one stage on committed results: nothing removed
+    assert all(path.exists() for path in committed)
+    for marker in (run.results / "stages").glob("*.json"):
+        marker.unlink()
+    execute_run(spec)
+    assert not run.metrics_csv.exists() and not (run.results / "srs_inputs.json").exists()
+    assert not (run.results / "ranks").exists()
+    assert (run.results / "05_long_tail.json").exists()  # rewritten by its stage, not removed
+    commit()
+    execute_run(spec, force=True)  # a stage has run here: results are kept
+    assert all(path.exists() for path in committed)
