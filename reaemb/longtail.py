@@ -56,11 +56,15 @@ def _variant_sort(df: pd.DataFrame) -> pd.DataFrame:
 def group_table(df: pd.DataFrame, metric: str = "NDCG@10", protocol: str = "full") -> pd.DataFrame:
     """Rows: dataset × backbone × variant; columns: each group's ``mean`` and ``std`` over
     seeds (std with ddof 1; NaN for one seed) and the number of seeds."""
+    from .results import summary
+
     sub = df[(df["metric"] == metric) & (df["protocol"] == protocol)]
     if sub.empty:
         raise ValueError(f"no rows for metric {metric!r} and protocol {protocol!r}")
-    agg = sub.groupby(["dataset", "backbone", "variant", "group"])["value"].agg(["mean", "std", "count"])
-    wide = agg.unstack("group")
+    summ = summary(sub)  # the one mean / std (ddof 1) over seeds, as every other table
+    summ["std"] = summ["std"].where(summ["n_seeds"] > 1)  # no spread from a single seed
+    wide = (summ.rename(columns={"n_seeds": "count"})
+            .set_index(["dataset", "backbone", "variant", "group"])[["mean", "std", "count"]].unstack("group"))
     groups = [g for g in GROUPS if g in sub["group"].unique()]
     out = pd.DataFrame(index=wide.index)
     for g in groups:

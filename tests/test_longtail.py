@@ -31,6 +31,8 @@ def test_group_table_mean_std_and_order():
     assert idr["all mean"] == pytest.approx(0.11)
     assert idr["all std"] == pytest.approx(math.sqrt(2 * 0.01**2))  # ddof 1 over two seeds
     assert idr["seeds"] == 2
+    one = group_table(_table().query("seed == 0")).iloc[0]
+    assert one["seeds"] == 1 and one["all mean"] == pytest.approx(0.10) and math.isnan(one["all std"])
     with pytest.raises(ValueError, match="no rows"):
         group_table(_table(), protocol="sampled100")
 
