@@ -392,8 +392,9 @@ def _grid_job(run, dataset, backbone, variant, seed, config, mask_history, devic
 
 
 def default_workers(device: torch.device | str | None = None) -> int:
-    """Worker processes for the grid: one per CPU thread torch would use on CPU (the small
-    recommenders run best on one thread each), one on CUDA."""
+    """CPU cores this process may use (on CPU; 1 on CUDA): the grid's worker count when each
+    worker runs on one thread, as the small recommenders run best (notebook 04 divides by its
+    thread count)."""
     import os
 
     device = torch.device(device) if device is not None else default_device()
